@@ -1,0 +1,1 @@
+"""Weight converters (installed as ``mlx_coconut.convert``): HF safetensors / GGUF -> MLX."""
