@@ -1,0 +1,129 @@
+"""The COCONUT latent loop: one multi-pass forward for training, and latent-then-text generation.
+
+A continuous thought is the final-norm hidden state at column t-1 used as the input embedding at a
+`<|latent|>` column t. Columns are processed pass by pass with the KV cache reused: pass 0 runs up to
+the first latent column, each later pass starts at a latent column (now holding the fed-back state)
+and runs up to the next one, and the last pass covers the rest. Which columns are latent is known on
+the host before the loop (it comes from the token ids), so the loop itself has no host syncs.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .model import KVCache, Model
+
+IGNORE = -100
+
+
+def continuous_forward(model: Model, input_ids, latent_mask: np.ndarray, left_pad=None,
+                       cache: Optional[KVCache] = None, feedback: bool = True,
+                       thoughts: Optional[list] = None) -> mx.array:
+    """Final-norm hidden states [B, T, D] of a batch whose `latent_mask[b, t]` columns are thoughts.
+
+    `feedback=False` is "pause as thought": latent tokens stay ordinary (learned) embeddings.
+    If `thoughts` is a list, the fed-back states [B, D] are appended to it (one per latent column)."""
+    embeds = model.embed(input_ids)
+    T = embeds.shape[1]
+    cache = cache if cache is not None else model.make_cache(left_pad, step=T)
+    latent_cols = np.flatnonzero(latent_mask.any(axis=0)).tolist() if feedback else []
+    bounds = [0] + latent_cols + [T]
+    hidden, fed = [], None
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        x = embeds[:, lo:hi] if fed is None else mx.concatenate([fed[:, None], embeds[:, lo + 1:hi]], 1)
+        h = model.hidden_states(input_embeddings=x, cache=cache)
+        hidden.append(h)
+        if hi < T:  # hi is a latent column: rows with a thought there take h[t-1], others keep their token
+            is_thought = mx.array(latent_mask[:, hi])[:, None]
+            fed = mx.where(is_thought, h[:, -1], embeds[:, hi])
+            if thoughts is not None:
+                thoughts.append(fed)
+    return mx.concatenate(hidden, axis=1) if len(hidden) > 1 else hidden[0]
+
+
+def loss_fn(model: Model, input_ids, labels, latent_mask: np.ndarray, left_pad=None,
+            feedback: bool = True):
+    """Mean cross-entropy over shifted labels != -100 → (loss, number of supervised tokens)."""
+    hidden = continuous_forward(model, input_ids, latent_mask, left_pad, feedback=feedback)
+    logits = model.logits(hidden[:, :-1]).astype(mx.float32)
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    ce = nn.losses.cross_entropy(logits, mx.where(valid, targets, 0)) * valid
+    ntoks = valid.sum()
+    return ce.sum() / mx.maximum(ntoks, 1), ntoks
+
+
+@dataclass
+class Generation:
+    tokens: list                      # per row: generated ids (EOS excluded)
+    finished: list                    # per row: stopped at EOS (else hit max_tokens)
+    thoughts: Optional[mx.array] = None   # [B, n_latent_columns, D] fed-back states, if asked
+    thought_mask: Optional[np.ndarray] = None  # [B, n_latent_columns]: which of those are real thoughts
+    timings: dict = field(default_factory=dict)  # seconds: prefill+latent phase, text phase
+
+
+def left_pad_prompts(prompts: list, pad_id: int):
+    """Left-pad token-id lists so all prompts end in the same column → (ids [B,T], left_pad [B])."""
+    T = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), T), pad_id, dtype=np.int32)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = p
+    return ids, np.array([T - len(p) for p in prompts], dtype=np.int32)
+
+
+def generate(model: Model, prompts: list, latent_id: int, eos_ids, max_tokens: int = 64,
+             pad_id: int = 0, sampler: Optional[Callable] = None, feedback: bool = True,
+             return_thoughts: bool = False, on_token: Optional[Callable] = None) -> Generation:
+    """Batched latent-then-text generation with the KV cache.
+
+    Prompts are token-id lists (question + markers + latents, or plain questions for CoT); each row
+    stops at its first EOS. `sampler(logprobs) -> ids` defaults to greedy; `on_token(step, ids)` is
+    called with the [B] ids of each decoded step (for streaming)."""
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    ids, left_pad = left_pad_prompts(prompts, pad_id)
+    latent_mask = ids == latent_id
+    B, T = ids.shape
+    cache = model.make_cache(mx.array(left_pad), step=T + max_tokens)
+    thoughts = [] if return_thoughts else None
+
+    start = time.perf_counter()
+    hidden = continuous_forward(model, mx.array(ids), latent_mask, cache=cache, feedback=feedback,
+                                thoughts=thoughts)
+    logits = model.logits(hidden[:, -1])
+    mx.eval(logits)
+    latent_time = time.perf_counter() - start
+
+    eos = mx.array(sorted(set(eos_ids)))
+    out, done = [], mx.zeros((B,), dtype=mx.bool_)
+    start = time.perf_counter()
+    for step in range(max_tokens):
+        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        token = mx.where(done, eos[0], token)         # finished rows keep emitting EOS
+        done = done | (token[:, None] == eos[None]).any(axis=1)
+        logits = model.logits(model.hidden_states(token[:, None], cache)[:, -1])
+        mx.async_eval(logits, token, done)            # the next step computes while we read this one
+        out.append(token)
+        if on_token is not None:
+            on_token(step, np.array(token))
+        if done.all().item():
+            break
+    text_time = time.perf_counter() - start
+
+    steps = np.array(mx.stack(out, axis=1)) if out else np.zeros((B, 0), np.int32)
+    eos_set = set(int(e) for e in eos_ids)
+    tokens, finished = [], []
+    for row in steps.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos_set), None)
+        tokens.append(row if cut is None else row[:cut])
+        finished.append(cut is not None)
+    return Generation(
+        tokens=tokens, finished=finished,
+        thoughts=mx.stack(thoughts, axis=1) if thoughts else None,
+        thought_mask=latent_mask[:, latent_mask.any(axis=0)] if thoughts else None,
+        timings={"latent": latent_time, "text": text_time,
+                 "generated_tokens": int(sum(len(t) for t in tokens))},
+    )
