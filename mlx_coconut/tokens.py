@@ -1,0 +1,103 @@
+"""The three COCONUT tokens: <|start-latent|> <|latent|> <|end-latent|>.
+
+They are added as special tokens (never split, never merged) and get embedding rows (and output-head
+rows when untied) copied from the token `<<` — the official COCONUT code initialises them from an
+existing token instead of random rows, so the model starts from a sensible input and the new logits are
+not wildly off. Works on mlx-lm's and mlx-coconut's Llama (same attribute names).
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UserError
+
+START_LATENT, LATENT, END_LATENT = "<|start-latent|>", "<|latent|>", "<|end-latent|>"
+INIT_TOKEN = "<<"
+
+
+@dataclass(frozen=True)
+class LatentTokens:
+    start: int
+    latent: int
+    end: int
+
+    @property
+    def ids(self):
+        return (self.start, self.latent, self.end)
+
+
+def _hf(tokenizer):
+    """The transformers tokenizer behind mlx-lm's TokenizerWrapper (or the tokenizer itself)."""
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def init_token_id(tokenizer) -> int:
+    ids = _hf(tokenizer).encode(INIT_TOKEN, add_special_tokens=False)
+    if len(ids) != 1:
+        raise UserError(f"{INIT_TOKEN!r} is not a single token in this tokenizer (it encodes to {ids}); "
+                        f"cannot initialise the latent tokens from it")
+    return ids[0]
+
+
+def vocab_rows(model) -> int:
+    return model.model.embed_tokens.weight.shape[0]
+
+
+def _grow(layer, ids, src_id):
+    """Rows `ids` of an Embedding / Linear / their quantized forms := row `src_id`, growing as needed.
+    Quantized layers quantize only the new rows (same bits and group size), so old rows stay
+    bit-identical and each new row equals the `<<` row exactly."""
+    quantized = isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear))
+    rows = layer.weight.shape[0]
+    n = max(rows, max(ids) + 1)
+    if quantized:
+        parts = [layer.weight, layer.scales] + ([layer.biases] if layer.biases is not None else [])
+        src = [p[src_id] for p in parts]
+        new = [mx.concatenate([p, mx.zeros((n - rows, *p.shape[1:]), p.dtype)]) for p in parts]
+        idx = mx.array(ids)
+        for i, p in enumerate(new):
+            p[idx] = mx.broadcast_to(src[i], (len(ids), *src[i].shape))
+        layer.weight, layer.scales = new[0], new[1]
+        if layer.biases is not None:
+            layer.biases = new[2]
+    else:
+        w = layer.weight
+        w = mx.concatenate([w, mx.zeros((n - rows, w.shape[1]), w.dtype)])
+        w[mx.array(ids)] = mx.broadcast_to(w[src_id], (len(ids), w.shape[1]))
+        layer.weight = w
+    if hasattr(layer, "num_embeddings"):
+        layer.num_embeddings = n
+    return n
+
+
+def add_latent_tokens(model, tokenizer) -> LatentTokens:
+    """Add the three tokens to `tokenizer` (mlx-lm TokenizerWrapper or transformers tokenizer) and to
+    `model`; idempotent: tokens already present keep their ids and rows."""
+    from tokenizers import AddedToken
+
+    hf = _hf(tokenizer)
+    src = init_token_id(tokenizer)
+    names = (START_LATENT, LATENT, END_LATENT)
+    vocab = hf.get_vocab()
+    missing = [t for t in names if t not in vocab]
+    if missing:
+        hf.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
+                      special_tokens=True)
+        vocab = hf.get_vocab()
+    ids = [vocab[t] for t in names]
+    new_ids = [vocab[t] for t in missing]
+    rows = vocab_rows(model)
+    # rows to (re)initialise: tokens just added, or present in the tokenizer but not yet in the model
+    init = sorted(set(new_ids) | {i for i in ids if i >= rows})
+    if init:
+        n = _grow(model.model.embed_tokens, init, src)
+        head = getattr(model, "lm_head", None)  # only untied models have one
+        if head is not None:
+            _grow(head, init, src)
+        for holder in (getattr(model, "args", None), model.model):
+            if holder is not None and hasattr(holder, "vocab_size"):
+                holder.vocab_size = n
+        mx.eval(model.parameters())
+    return LatentTokens(*ids)
