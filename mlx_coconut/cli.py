@@ -40,6 +40,78 @@ def data():
     """Download, convert, synthesise and inspect {question, steps, answer} datasets."""
 
 
+def _progress(label, total):
+    return click.progressbar(length=total, label=f"downloading {label}", file=sys.stderr)
+
+
+@data.command()
+@click.argument("dataset", type=click.Choice(["gsm8k"]))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--split", "splits", multiple=True, type=click.Choice(["train", "valid", "test"]),
+              help="Only these splits (repeatable) [default: all three; train is 87 MB].")
+@friendly_errors
+def download(dataset, out_dir, splits):
+    """Download the iCoT GSM8k splits (pinned commit) as train/valid/test.json."""
+    from .data import download_gsm8k
+
+    counts = download_gsm8k(out_dir, splits or ("train", "valid", "test"), progress=_progress)
+    for split, n in counts.items():
+        click.echo(f"{split}: {n} records -> {out_dir}/{split}.json")
+
+
+@data.command(name="convert")
+@click.argument("input_path", metavar="INPUT")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSON list.")
+@click.option("--format", "fmt", type=click.Choice(["icot", "json", "gsm8k"]), default=None,
+              help="Input format [default: detected].")
+@friendly_errors
+def convert_data(input_path, out, fmt):
+    """Convert iCoT text / GSM8k jsonl / JSON to the official {question, steps, answer} JSON list."""
+    from .data import load_records, save_records, step_distribution
+
+    records = load_records(input_path, fmt)
+    save_records(records, out)
+    dist = step_distribution(records)
+    click.echo(f"{len(records)} records ({dist.get(0, 0)} without steps) -> {out}")
+
+
+@data.command()
+@click.option("--n", type=int, required=True, help="Number of problems.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSON list.")
+@click.option("--min-steps", type=int, default=1, show_default=True)
+@click.option("--max-steps", type=int, default=5, show_default=True)
+@friendly_errors
+def synth(n, seed, out, min_steps, max_steps):
+    """Synthetic word problems with calculator steps (<<a*b=c>>) and integer answers."""
+    from .data import save_records, step_distribution, synth_records
+
+    records = synth_records(n, seed, min_steps, max_steps)
+    save_records(records, out)
+    dist = "  ".join(f"{k}:{v}" for k, v in step_distribution(records).items())
+    click.echo(f"{n} records (steps {dist}) -> {out}")
+
+
+@data.command()
+@click.argument("path")
+@click.option("--model", "model_dir", default=None, help="Model directory: render with its tokenizer "
+              "and add token-length statistics.")
+@click.option("--c-thought", type=int, default=2, show_default=True, help="c for the second stage-1 view.")
+@click.option("--format", "fmt", type=click.Choice(["icot", "json", "gsm8k"]), default=None)
+@click.option("--index", type=int, default=0, show_default=True, help="Which record to show.")
+@friendly_errors
+def stats(path, model_dir, c_thought, fmt, index):
+    """Count, step distribution, one record raw and as the model sees it (stage 0, stage 1 c=1 / c=C)."""
+    from .data import load_records, load_tokenizer, stats_report
+    from .errors import UserError
+
+    if c_thought < 1:
+        raise UserError(f"--c-thought must be at least 1 (got {c_thought})")
+    records = load_records(path, fmt)
+    tokenizer = load_tokenizer(model_dir) if model_dir else None
+    click.echo(stats_report(records, tokenizer, c_thought=c_thought, index=index))
+
+
 # ---------------------------------------------------------------- convert (issue 3)
 @main.command()
 @click.option("--hf-path", required=True, metavar="SRC",

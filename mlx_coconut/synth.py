@@ -1,0 +1,128 @@
+"""Synthetic grade-school word problems with GSM8k/iCoT-style calculator steps.
+
+The embedded default data for the quickstart and the tests: small enough numbers for a 135M model to
+learn, but not trivial (1-5 chained steps, several wordings per operation, some steps reuse an
+earlier result rather than the previous one). Every step is `<<expr=result>>` with integer operands
+and result; each step uses the previous step's result; the last result is the answer.
+"""
+
+import random
+
+from .errors import UserError
+
+PEOPLE = [("Mia", "she"), ("Liam", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"),
+          ("Omar", "he"), ("Lena", "she"), ("Ravi", "he"), ("Emma", "she"), ("Jack", "he"),
+          ("Sofia", "she"), ("Ben", "he"), ("Aisha", "she"), ("Leo", "he"), ("Nora", "she"),
+          ("Sam", "he"), ("Chloe", "she"), ("Hugo", "he"), ("Maya", "she"), ("Tom", "he")]
+# (objects, container, containers)
+THINGS = [("apples", "basket", "baskets"), ("marbles", "bag", "bags"), ("stickers", "sheet", "sheets"),
+          ("cookies", "tray", "trays"), ("pencils", "box", "boxes"), ("shells", "bucket", "buckets"),
+          ("cards", "pack", "packs"), ("stamps", "page", "pages"), ("beads", "jar", "jars"),
+          ("books", "shelf", "shelves"), ("eggs", "carton", "cartons"), ("flowers", "bunch", "bunches"),
+          ("coins", "purse", "purses"), ("crayons", "box", "boxes"), ("toy cars", "crate", "crates")]
+MAX_VALUE = 999  # keep every intermediate result small
+
+QUESTIONS = ["How many {obj} does {N} have now?", "How many {obj} does {N} end up with?",
+             "How many {obj} does {N} have at the end?", "In the end, how many {obj} does {N} have?"]
+
+
+def _opener(r, w):
+    """First step: builds the starting amount. Returns (sentence, step, value, ref phrase)."""
+    kind = r.choice(["mul", "add", "sub", "div"])
+    if kind == "mul":
+        a, b = r.randint(2, 9), r.randint(2, 12)
+        text = r.choice(["{N} has {a} {cs} of {obj} with {b} {obj} in each {c}.",
+                         "{N} buys {a} {cs} of {obj}. Each {c} holds {b} {obj}."])
+        return text.format(a=a, b=b, **w), f"<<{a}*{b}={a * b}>>", a * b, "in the {cs}".format(**w)
+    if kind == "add":
+        a, b = r.randint(5, 40), r.randint(2, 30)
+        text = r.choice(["{N} has {a} {obj}. {F} gives {o} {b} more.",
+                         "{N} collects {a} {obj} on Monday and {b} {obj} on Tuesday."])
+        ref = r.choice(["after Tuesday", "at that point"]) if "Tuesday" in text else "after {F}'s gift".format(**w)
+        return text.format(a=a, b=b, **w), f"<<{a}+{b}={a + b}>>", a + b, ref
+    if kind == "sub":
+        a = r.randint(10, 60)
+        b = r.randint(1, a - 2)
+        text = r.choice(["{N} picks {a} {obj} and gives {b} of them to {F}.",
+                         "{N} had {a} {obj} but lost {b} of them."])
+        ref = "after giving some to {F}".format(**w) if "gives" in text else "after losing some"
+        return text.format(a=a, b=b, **w), f"<<{a}-{b}={a - b}>>", a - b, ref
+    k, q = r.randint(2, 5), r.randint(2, 15)
+    text = r.choice(["{N} and {k1} friends share {a} {obj} equally.",
+                     "{a} {obj} are split equally among {k} children, and {N} is one of them."])
+    return (text.format(a=k * q, k=k, k1=k - 1, **w), f"<<{k * q}/{k}={q}>>", q,
+            "right after the sharing")
+
+
+def _step(r, w, v, first, ref):
+    """One more step on the current amount `v` (may reuse the first result). None if infeasible."""
+    kind = r.choice(["add", "add", "sub", "sub", "mul", "div", "add_ref", "sub_ref"])
+    if kind == "add":
+        b = r.randint(2, 30)
+        text = r.choice(["Then {p} buys {b} more {obj}.", "{F} gives {o} another {b} {obj}.",
+                         "The next day {p} finds {b} more {obj}."])
+        return text.format(b=b, **w), f"<<{v}+{b}={v + b}>>", v + b
+    if kind == "sub" and v >= 3:
+        b = r.randint(2, min(v - 1, 30))
+        text = r.choice(["{P} gives {b} {obj} to {F}.", "{P} loses {b} of them on the way home.",
+                         "{P} uses {b} {obj} for a school project."])
+        return text.format(b=b, **w), f"<<{v}-{b}={v - b}>>", v - b
+    if kind == "mul" and v <= 250:
+        k = r.randint(2, min(4, MAX_VALUE // v))
+        times = {2: "twice", 3: "three times", 4: "four times"}[k]
+        text = r.choice(["By the end of the week {p} has {t} as many {obj} as before.",
+                         "{P} trades them and gets back {t} as many {obj}."])
+        return text.format(t=times, **w), f"<<{v}*{k}={v * k}>>", v * k
+    if kind == "div":
+        ks = [k for k in (2, 3, 4, 5) if v % k == 0 and v // k >= 1]
+        if ks:
+            k = r.choice(ks)
+            if k == 2 and r.random() < 0.5:
+                text = "{P} gives half of them to {F}."
+            else:
+                text = "{P} splits them equally into {k} {cs} and keeps only one {c}."
+            return text.format(k=k, **w), f"<<{v}/{k}={v // k}>>", v // k
+    if kind == "add_ref":
+        text = r.choice(["{F} gives {o} as many {obj} as {p} had {ref}.",
+                         "{P} then buys as many {obj} as {p} had {ref}."])
+        return text.format(ref=ref, **w), f"<<{v}+{first}={v + first}>>", v + first
+    if kind == "sub_ref" and v > first:
+        text = "{P} then gives away as many {obj} as {p} had {ref}."
+        return text.format(ref=ref, **w), f"<<{v}-{first}={v - first}>>", v - first
+    return None
+
+
+def synth_record(r: random.Random, n_steps: int):
+    """One problem with exactly `n_steps` steps, drawn from `r`."""
+    from .data import Record
+
+    (name, p), (friend, _) = r.sample(PEOPLE, 2)
+    obj, c, cs = r.choice(THINGS)
+    w = dict(N=name, F=friend, p=p, P=p.capitalize(), o="her" if p == "she" else "him",
+             obj=obj, c=c, cs=cs)
+    while True:
+        sentence, step, v, ref = _opener(r, w)
+        sentences, steps, first = [sentence], [step], v
+        while len(steps) < n_steps:
+            out = _step(r, w, v, first, ref)
+            if out is None or out[2] > MAX_VALUE:
+                continue
+            sentences.append(out[0])
+            steps.append(out[1])
+            v = out[2]
+        if v > 0:
+            break
+    question = " ".join(sentences) + " " + r.choice(QUESTIONS).format(**w)
+    return Record(question, steps, str(v))
+
+
+def synth_records(n: int, seed: int = 0, min_steps: int = 1, max_steps: int = 5) -> list:
+    """`n` synthetic records, deterministic for `seed`; step counts uniform in [min_steps, max_steps]."""
+    if n < 1:
+        raise UserError(f"--n must be at least 1 (got {n})")
+    if not 1 <= min_steps <= max_steps:
+        raise UserError(f"need 1 <= --min-steps <= --max-steps (got {min_steps}, {max_steps})")
+    if max_steps > 10:
+        raise UserError(f"--max-steps must be at most 10 (got {max_steps})")
+    r = random.Random(seed)
+    return [synth_record(r, r.randint(min_steps, max_steps)) for _ in range(n)]
