@@ -1,0 +1,259 @@
+"""The latent loop (coconut.py) against references written here: plain model, naive recompute, bs=1.
+
+The naive reference is the official algorithm at its most literal: for every latent, recompute the
+whole prefix from scratch (no cache, batch size 1) and write h[t-1] into column t.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_coconut.coconut import IGNORE, continuous_forward, generate, loss_fn
+from mlx_coconut.model import Model, ModelArgs, load_model
+
+TINY = dict(  # Llama 3.1-shaped (llama3 rope, untied, GQA), only tiny
+    model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=160,
+    num_attention_heads=8, num_key_value_heads=2, vocab_size=101, rms_norm_eps=1e-5,
+    rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=4096,
+    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=64),
+)
+PAD, START, LATENT, END, EOS = 0, 97, 98, 99, 100
+
+
+def tiny_model(seed=0, **overrides):
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(dict(TINY, **overrides)))
+    mx.eval(model.parameters())
+    return model
+
+
+def make_example(q_len, n_latents, rest_len, rng, ids=(START, LATENT, END, EOS)):
+    """(input_ids, labels, prompt_ids) shaped like data.format_record's coconut output."""
+    start, latent, end, eos = ids
+    question = rng.integers(1, 90, q_len).tolist()
+    rest = rng.integers(1, 90, rest_len).tolist() + [eos]
+    prompt = question + [start] + [latent] * n_latents + [end]
+    return prompt + rest, [IGNORE] * len(prompt) + rest, prompt
+
+
+def collate(rows, pad_id=PAD):
+    """data.collate (official MyCollator) when the formatter is importable, else the same rule here:
+    left-pad so the first latents share a column, right-pad to the longest row."""
+    try:
+        from mlx_coconut.data import Example, collate as data_collate
+    except ImportError:
+        Example = None
+    starts = [ids.index(LATENT) if LATENT in ids else -1 for ids, _ in rows]
+    if Example is not None:
+        exs = [Example(ids, labels, [], 0, 0, s) for (ids, labels), s in zip(rows, starts)]
+        b = data_collate(exs, pad_id)
+        return b["input_ids"], b["labels"], b["left_pad"]
+    target = max(starts)
+    left = [target - s if s >= 0 else 0 for s in starts]
+    width = max(l + len(ids) for l, (ids, _) in zip(left, rows))
+    input_ids = np.full((len(rows), width), pad_id, np.int32)
+    labels = np.full((len(rows), width), IGNORE, np.int32)
+    for i, (l, (ids, lab)) in enumerate(zip(left, rows)):
+        input_ids[i, l:l + len(ids)], labels[i, l:l + len(lab)] = ids, lab
+    return input_ids, labels, np.array(left, np.int32)
+
+
+# ---------------------------------------------------------------- references written in the test
+
+def naive_hidden(model, ids, latent_id=LATENT, stop_grad=False, perturb=None):
+    """Batch size 1, no cache: for each latent column t, recompute everything and set e[t] = h[t-1]."""
+    embeds = model.embed(mx.array(ids)[None])
+    for t in [i for i, x in enumerate(ids) if x == latent_id]:
+        h = model.hidden_states(input_embeddings=embeds[:, :t])[:, -1]
+        h = mx.stop_gradient(h) if stop_grad else h
+        embeds = mx.concatenate([embeds[:, :t], h[:, None], embeds[:, t + 1:]], axis=1)
+    return model.hidden_states(input_embeddings=embeds)
+
+
+def ce_loss(logits, labels):
+    """Mean cross-entropy of logits[t] against labels[t+1] where labels != -100."""
+    logits, labels = logits[:, :-1], mx.array(labels)[:, 1:]
+    valid = labels != IGNORE
+    ce = nn.losses.cross_entropy(logits, mx.where(valid, labels, 0)) * valid
+    return ce.sum() / valid.sum()
+
+
+def max_diff(a, b):
+    return float(mx.abs(a - b).max())
+
+
+# ---------------------------------------------------------------- 1. zero latents
+
+def test_zero_latents_equals_plain_model_loss():
+    model = tiny_model(seed=1)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 90, (2, 17)).astype(np.int32)
+    labels = ids.copy()
+    labels[:, :6] = IGNORE
+    ours, ntoks = loss_fn(model, mx.array(ids), mx.array(labels), np.zeros(ids.shape, bool))
+    plain = ce_loss(model(mx.array(ids)), labels)
+    assert int(ntoks) == 2 * 11
+    assert abs(float(ours) - float(plain)) < 1e-6
+
+
+# ---------------------------------------------------------------- 2. naive reference
+
+def _check_against_naive(model, ids, labels, latent_id=LATENT, tol=1e-5):
+    latent_mask = (np.array(ids) == latent_id)[None]
+    hidden = continuous_forward(model, mx.array(ids)[None], latent_mask)
+    ref = naive_hidden(model, ids, latent_id)
+    assert max_diff(model.logits(hidden), model.logits(ref)) < tol
+    loss, _ = loss_fn(model, mx.array(ids)[None], mx.array(labels)[None], latent_mask)
+    ref_loss = ce_loss(model.logits(ref), [labels])
+    assert abs(float(loss) - float(ref_loss)) < tol
+    return latent_mask
+
+
+def test_matches_naive_reference_loss_logits_and_gradients():
+    model = tiny_model(seed=2)
+    ids, labels, _ = make_example(7, 3, 9, np.random.default_rng(2))
+    latent_mask = _check_against_naive(model, ids, labels)
+
+    def ours(m):
+        return loss_fn(m, mx.array(ids)[None], mx.array(labels)[None], latent_mask)[0]
+
+    def naive(m, stop_grad=False):
+        return ce_loss(m.logits(naive_hidden(m, ids, stop_grad=stop_grad)), [labels])
+
+    _, g_ours = nn.value_and_grad(model, ours)(model)
+    _, g_naive = nn.value_and_grad(model, naive)(model)
+    _, g_stopped = nn.value_and_grad(model, lambda m: naive(m, True))(model)
+    g_ours, g_naive, g_stopped = (dict(tree_flatten(g)) for g in (g_ours, g_naive, g_stopped))
+    assert g_ours.keys() == g_naive.keys()
+    worst = max(max_diff(g_ours[k], g_naive[k]) for k in g_ours)
+    assert worst < 1e-5, worst
+    # The thoughts are differentiable: stopping the gradient at the fed state changes the gradients
+    # (of the layers that produced it), by far more than our numerical error.
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert max_diff(g_naive[key], g_stopped[key]) > 100 * max(worst, 1e-7)
+
+
+def test_matches_naive_reference_on_smollm2(request):
+    try:
+        path = request.getfixturevalue("smollm2_dir")
+    except pytest.FixtureLookupError:
+        pytest.skip("smollm2_dir fixture not available yet")
+    model, _ = load_model(path, mx.float32)
+    rng = np.random.default_rng(3)
+    # `<<` (33691) stands in for <|latent|>: the loop only needs to know which columns are thoughts.
+    ids, labels, _ = make_example(6, 2, 4, rng, ids=(1, 33691, 2, 2))
+    _check_against_naive(model, ids, labels, latent_id=33691, tol=1e-4)
+
+
+# ---------------------------------------------------------------- 3. mixed batch == each alone
+
+def test_mixed_batch_equals_each_example_alone():
+    model = tiny_model(seed=3)
+    rng = np.random.default_rng(3)
+    rows = [make_example(q, n, r, rng)[:2] for q, n, r in [(5, 1, 8), (11, 3, 3), (8, 2, 6)]]
+    input_ids, labels, left_pad = collate(rows)
+    # The official collator aligns the first latents; the three rows must have different left pads.
+    assert len(set(left_pad.tolist())) == 3
+    assert len(set(np.argmax(input_ids == LATENT, axis=1).tolist())) == 1
+    mask = input_ids == LATENT
+    hidden = continuous_forward(model, mx.array(input_ids), mask, mx.array(left_pad))
+    losses, counts = [], []
+    for b, (ids, lab) in enumerate(rows):
+        alone = continuous_forward(model, mx.array(ids)[None], (np.array(ids) == LATENT)[None])
+        lo = int(left_pad[b])
+        assert max_diff(model.logits(hidden[b, lo:lo + len(ids)]), model.logits(alone[0])) < 1e-5
+        loss, n = loss_fn(model, mx.array(ids)[None], mx.array(lab)[None], (np.array(ids) == LATENT)[None])
+        losses.append(float(loss) * int(n))
+        counts.append(int(n))
+    batch_loss, ntoks = loss_fn(model, mx.array(input_ids), mx.array(labels), mask, mx.array(left_pad))
+    assert int(ntoks) == sum(counts)
+    assert abs(float(batch_loss) - sum(losses) / sum(counts)) < 1e-5
+
+
+# ---------------------------------------------------------------- 4. the feedback is used
+
+class PerturbFedState:
+    """Wraps a Model; adds `delta` to the last hidden column of pass `at` (the state fed back next)."""
+
+    def __init__(self, model, at, delta):
+        self.model, self.at, self.delta, self.calls = model, at, delta, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def hidden_states(self, *args, **kwargs):
+        h = self.model.hidden_states(*args, **kwargs)
+        if self.calls == self.at:
+            h = mx.concatenate([h[:, :-1], h[:, -1:] + self.delta], axis=1)
+        self.calls += 1
+        return h
+
+
+def test_fed_back_state_is_used():
+    model = tiny_model(seed=4)
+    ids, _, _ = make_example(6, 3, 5, np.random.default_rng(4))
+    mask = (np.array(ids) == LATENT)[None]
+    first, second = [i for i, x in enumerate(ids) if x == LATENT][:2]
+    base = model.logits(continuous_forward(model, mx.array(ids)[None], mask))
+    # Perturb what pass 1 hands to the second latent: logits before it are untouched, after it change.
+    bumped = PerturbFedState(model, at=1, delta=0.5 * mx.random.normal((TINY["hidden_size"],)))
+    out = model.logits(continuous_forward(bumped, mx.array(ids)[None], mask))
+    assert max_diff(out[:, :second - 1], base[:, :second - 1]) == 0.0
+    assert float(mx.abs(out[0, second:] - base[0, second:]).max(axis=-1).min()) > 1e-3
+    # Pause mode (latents stay token embeddings) agrees before the first latent, differs from it on.
+    pause = model.logits(continuous_forward(model, mx.array(ids)[None], mask, feedback=False))
+    assert max_diff(pause[:, :first], base[:, :first]) < 1e-6
+    assert float(mx.abs(pause[0, first:] - base[0, first:]).max(axis=-1).min()) > 1e-3
+    assert max_diff(pause, model(mx.array(ids)[None])) < 1e-6
+
+
+# ---------------------------------------------------------------- 5. generation
+
+def naive_generate(model, prompt, eos_ids, max_tokens):
+    """The official generate: bs=1, no cache, the whole sequence recomputed for every new token."""
+    embeds = naive_hidden_embeds(model, prompt)
+    out = []
+    for _ in range(max_tokens):
+        token = int(mx.argmax(model.logits(model.hidden_states(input_embeddings=embeds)[0, -1])))
+        if token in eos_ids:
+            return out, True
+        out.append(token)
+        embeds = mx.concatenate([embeds, model.embed(mx.array([[token]]))], axis=1)
+    return out, False
+
+
+def naive_hidden_embeds(model, ids):
+    embeds = model.embed(mx.array(ids)[None])
+    for t in [i for i, x in enumerate(ids) if x == LATENT]:
+        h = model.hidden_states(input_embeddings=embeds[:, :t])[:, -1:]
+        embeds = mx.concatenate([embeds[:, :t], h, embeds[:, t + 1:]], axis=1)
+    return embeds
+
+
+def test_batched_cached_generation_matches_bs1_and_no_cache_reference():
+    model = tiny_model(seed=5)
+    rng = np.random.default_rng(5)
+    prompts = [make_example(q, n, 1, rng)[2] for q, n in [(4, 1), (9, 3), (6, 0), (7, 2)]]
+    max_tokens = 8
+    never = [EOS]  # the random model does not produce it in 8 steps (checked below)
+    alone = [generate(model, [p], LATENT, never, max_tokens, pad_id=PAD) for p in prompts]
+    for p, g in zip(prompts, alone):
+        assert (g.tokens[0], g.finished[0]) == naive_generate(model, p, never, max_tokens)
+        assert len(g.tokens[0]) == max_tokens
+    batch = generate(model, prompts, LATENT, never, max_tokens, pad_id=PAD, return_thoughts=True)
+    assert batch.tokens == [g.tokens[0] for g in alone]
+    assert batch.thought_mask.sum(axis=1).tolist() == [1, 3, 0, 2]
+
+    # EOS per row: pick a token some row first emits at step >= 2 while another row never emits it.
+    seqs = batch.tokens
+    eos, row = next((t, r) for r, s in enumerate(seqs) for t in s[2:max_tokens - 1]
+                    if any(t not in o for o in seqs))
+    stopped = generate(model, prompts, LATENT, [eos], max_tokens, pad_id=PAD)
+    for s, toks, fin, p in zip(seqs, stopped.tokens, stopped.finished, prompts):
+        expect = s[:s.index(eos)] if eos in s else s
+        assert toks == expect and fin == (eos in s)
+        assert (toks, fin) == naive_generate(model, p, [eos], max_tokens)
+    assert stopped.finished[row] and not all(stopped.finished)
