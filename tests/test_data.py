@@ -348,3 +348,20 @@ def test_download_offline_and_online(tmp_path, monkeypatch):
         recs = json.loads((tmp_path / "d" / f"{split}.json").read_text())
         assert recs == [{"question": "q", "steps": ["<<2*3=6>>"], "answer": "6"},
                         {"question": "r", "steps": [], "answer": "1000"}]
+
+
+def test_cli_stats_with_model_tokenizer(llama3_tokenizer_path, tmp_path):
+    # A "model directory" holding only a tokenizer is enough for stats (no converter needed).
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(llama3_tokenizer_path),
+                                  bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    tok.save_pretrained(tmp_path / "model")
+    src = tmp_path / "seed.json"
+    D.save_records([SEED] + D.synth_records(10, seed=0), src)
+    res = _run(["data", "stats", str(src), "--model", str(tmp_path / "model"), "--c-thought", "2"])
+    assert res.exit_code == 0, res.output
+    assert "<|begin_of_text|>" + official_tokens(SEED_STAGE1_C2) + "<|end_of_text|>" in res.output
+    assert "invariant (parts == whole) on record 0: ok" in res.output
+    assert "CoT (stage 0)   min" in res.output and "mismatches in the first 11 records: 0" in res.output
+    _one_line_error(_run(["data", "stats", str(src), "--model", str(tmp_path / "nope")]), "nope")
