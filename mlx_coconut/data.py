@@ -277,7 +277,8 @@ def download_gsm8k(out_dir, splits=("train", "valid", "test"), progress=None, ti
             with urllib.request.urlopen(url, timeout=timeout) as resp, open(raw, "wb") as f:
                 total = resp.headers.get("Content-Length") if getattr(resp, "headers", None) else None
                 total = int(total) if total else None
-                ctx = progress(f"{split}.txt", total) if progress else None
+                # no Content-Length: no bar (click's bar needs a length)
+                ctx = progress(f"{split}.txt", total) if progress and total else None
                 bar = ctx.__enter__() if ctx else None
                 try:
                     while chunk := resp.read(1 << 16):
