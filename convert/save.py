@@ -37,10 +37,15 @@ def quantize_weights(weights: dict, group_size: int, bits: int) -> dict:
 
 def save_weights(path: Path, weights: dict):
     """model.safetensors, or model-0000i-of-0000N.safetensors shards of <= 5 GB + an index, like
-    mlx_lm.utils.save_model (which wants an nn.Module; we only have a dict)."""
+    mlx_lm.utils.save_model (which wants an nn.Module; we only have a dict).
+
+    Consumes `weights` (the dict is emptied): arrays are lazy (mx.load maps the source), so each shard
+    is read, cast and written on its own and freed before the next — peak memory is about one shard,
+    not the whole model (16 GB for Llama 3.1 8B)."""
     shards = make_shards(weights)
     fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
     index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": {}}
+    weights.clear()
     for i, shard in enumerate(shards):
         name = fmt.format(i + 1, len(shards))
         mx.save_safetensors(str(path / name), shard, metadata={"format": "mlx"})
@@ -83,13 +88,16 @@ def convert(src: str, mlx_path, dtype: str = None, quantize: bool = False, q_bit
     weights, config, tokenizer = load_source(src, log)
     if dtype is None:
         # HF: keep what the checkpoint says (bf16 for Llama 3.1); GGUF: dequantized, pick per platform
-        dtype = config.get("torch_dtype") if isinstance(tokenizer, Path) else None
+        # (transformers >= 4.56 writes "dtype", older versions "torch_dtype")
+        src_dtype = config.get("dtype") or config.get("torch_dtype")
+        dtype = src_dtype if isinstance(tokenizer, Path) else None
         dtype = dtype if dtype in DTYPES else default_dtype()
     n_params = sum(v.size for v in weights.values())
     log(f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, vocab "
         f"{config['vocab_size']}, {n_params / 1e6:.1f}M parameters -> {dtype}")
     weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
     config["torch_dtype"] = dtype
+    config.pop("dtype", None)
     config.pop("quantization", None)
     config.pop("quantization_config", None)
     if quantize:
