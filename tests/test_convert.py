@@ -340,3 +340,23 @@ def test_refuses_overwrite_without_force(tmp_path, smollm2_dir):
     assert res.exit_code == 0, res.output
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_hub_errors_are_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+
+    def gated(*a, **k):
+        err = GatedRepoError.__new__(GatedRepoError)  # its __init__ wants a live HTTP response
+        raise err
+
+    out = ["--mlx-path", str(tmp_path / "out")]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    line = run_error(["--hf-path", "meta-llama/Llama-3.1-8B-Instruct", *out])
+    assert "gated" in line and "huggingface-cli login" in line and "licence" in line
+
+    def offline(*a, **k):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert "cannot reach huggingface.co" in run_error(["--hf-path", "meta-llama/Llama-3.1-8B", *out])
