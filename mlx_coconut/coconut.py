@@ -27,9 +27,10 @@ def continuous_forward(model: Model, input_ids, latent_mask: np.ndarray, left_pa
 
     `feedback=False` is "pause as thought": latent tokens stay ordinary (learned) embeddings.
     If `thoughts` is a list, the fed-back states [B, D] are appended to it (one per latent column)."""
-    embeds = model.embed(input_ids)
+    embeds = model.embed(mx.array(input_ids))  # numpy batches (data.collate) welcome
     T = embeds.shape[1]
-    cache = cache if cache is not None else model.make_cache(left_pad, step=T)
+    if cache is None:
+        cache = model.make_cache(None if left_pad is None else mx.array(left_pad), step=T)
     latent_cols = np.flatnonzero(latent_mask.any(axis=0)).tolist() if feedback else []
     bounds = [0] + latent_cols + [T]
     hidden, fed = [], None
@@ -50,7 +51,7 @@ def loss_fn(model: Model, input_ids, labels, latent_mask: np.ndarray, left_pad=N
     """Mean cross-entropy over shifted labels != -100 → (loss, number of supervised tokens)."""
     hidden = continuous_forward(model, input_ids, latent_mask, left_pad, feedback=feedback)
     logits = model.logits(hidden[:, :-1]).astype(mx.float32)
-    targets = labels[:, 1:]
+    targets = mx.array(labels)[:, 1:]
     valid = targets != IGNORE
     ce = nn.losses.cross_entropy(logits, mx.where(valid, targets, 0)) * valid
     ntoks = valid.sum()
@@ -77,12 +78,14 @@ def left_pad_prompts(prompts: list, pad_id: int):
 
 def generate(model: Model, prompts: list, latent_id: int, eos_ids, max_tokens: int = 64,
              pad_id: int = 0, sampler: Optional[Callable] = None, feedback: bool = True,
-             return_thoughts: bool = False, on_token: Optional[Callable] = None) -> Generation:
+             return_thoughts: bool = False, on_token: Optional[Callable] = None,
+             on_thoughts: Optional[Callable] = None) -> Generation:
     """Batched latent-then-text generation with the KV cache.
 
     Prompts are token-id lists (question + markers + latents, or plain questions for CoT); each row
     stops at its first EOS. `sampler(logprobs) -> ids` defaults to greedy; `on_token(step, ids)` is
-    called with the [B] ids of each decoded step (for streaming)."""
+    called with the [B] ids of each decoded step (for streaming); `on_thoughts(thoughts, mask)` once
+    between the latent and the text phase (needs return_thoughts; not timed)."""
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     ids, left_pad = left_pad_prompts(prompts, pad_id)
     latent_mask = ids == latent_id
@@ -96,6 +99,10 @@ def generate(model: Model, prompts: list, latent_id: int, eos_ids, max_tokens: i
     logits = model.logits(hidden[:, -1])
     mx.eval(logits)
     latent_time = time.perf_counter() - start
+    thought_mask = latent_mask[:, latent_mask.any(axis=0)] if return_thoughts else None
+    thoughts = mx.stack(thoughts, axis=1) if thoughts else None
+    if on_thoughts is not None:
+        on_thoughts(thoughts, thought_mask)
 
     eos = mx.array(sorted(set(eos_ids)))
     out, done = [], mx.zeros((B,), dtype=mx.bool_)
@@ -122,8 +129,7 @@ def generate(model: Model, prompts: list, latent_id: int, eos_ids, max_tokens: i
         finished.append(cut is not None)
     return Generation(
         tokens=tokens, finished=finished,
-        thoughts=mx.stack(thoughts, axis=1) if thoughts else None,
-        thought_mask=latent_mask[:, latent_mask.any(axis=0)] if thoughts else None,
+        thoughts=thoughts, thought_mask=thought_mask,
         timings={"latent": latent_time, "text": text_time,
                  "generated_tokens": int(sum(len(t) for t in tokens))},
     )
