@@ -124,3 +124,20 @@ def test_config_errors(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(UserError, match="no config.json"):
         load_model(tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_mlx_lm_and_loads_there(smollm2_dir):
+    """The real converted SmolLM2-135M: our logits equal mlx-lm's, prompt and cached decode."""
+    import mlx_lm
+
+    ours, _ = load_model(smollm2_dir, dtype=mx.float32)
+    theirs, _ = mlx_lm.load(str(smollm2_dir))
+    ids = mx.array([[504, 3575, 282, 4649, 314, 3067, 30, 378, 12139]])  # arbitrary real ids
+    cache, their_cache = ours.make_cache(), make_prompt_cache(theirs)
+    assert max_diff(ours(ids, cache), theirs(ids, cache=their_cache)) < 1e-4
+    token = mx.array([[42]])
+    for _ in range(4):
+        a, b = ours(token, cache), theirs(token, cache=their_cache)
+        assert max_diff(a, b) < 1e-4
+        token = mx.argmax(a[:, -1:], axis=-1)
