@@ -136,16 +136,28 @@ def test_matches_naive_reference_loss_logits_and_gradients():
     assert max_diff(g_naive[key], g_stopped[key]) > 100 * max(worst, 1e-7)
 
 
-def test_matches_naive_reference_on_smollm2(request):
+@pytest.fixture(scope="module")
+def smollm2(request):
     try:
         path = request.getfixturevalue("smollm2_dir")
     except pytest.FixtureLookupError:
-        pytest.skip("smollm2_dir fixture not available yet")
-    model, _ = load_model(path, mx.float32)
-    rng = np.random.default_rng(3)
-    # `<<` (33691) stands in for <|latent|>: the loop only needs to know which columns are thoughts.
-    ids, labels, _ = make_example(6, 2, 4, rng, ids=(1, 33691, 2, 2))
-    _check_against_naive(model, ids, labels, latent_id=33691, tol=1e-4)
+        pytest.skip("smollm2_dir fixture not available")
+    return load_model(path, mx.float32)[0]
+
+
+SMOL_LATENT = 33691  # `<<` stands in for <|latent|>: the loop only needs to know which columns are thoughts
+
+
+def test_matches_naive_reference_on_smollm2(smollm2):
+    ids, labels, _ = make_example(6, 2, 4, np.random.default_rng(3), ids=(1, SMOL_LATENT, 2, 2))
+    _check_against_naive(smollm2, ids, labels, latent_id=SMOL_LATENT, tol=1e-4)
+
+
+def test_smollm2_batched_generation_equals_bs1(smollm2):
+    rng = np.random.default_rng(6)
+    prompts = [make_example(q, n, 1, rng, ids=(1, SMOL_LATENT, 2, 2))[2] for q, n in [(5, 1), (9, 2)]]
+    alone = [generate(smollm2, [p], SMOL_LATENT, [2], 4).tokens[0] for p in prompts]
+    assert generate(smollm2, prompts, SMOL_LATENT, [2], 4).tokens == alone
 
 
 # ---------------------------------------------------------------- 3. mixed batch == each alone
