@@ -11,6 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_coconut.coconut import IGNORE, continuous_forward, generate, loss_fn
+from mlx_coconut.data import Example, collate as data_collate
 from mlx_coconut.model import Model, ModelArgs, load_model
 
 TINY = dict(  # Llama 3.1-shaped (llama3 rope, untied, GQA), only tiny
@@ -40,25 +41,10 @@ def make_example(q_len, n_latents, rest_len, rng, ids=(START, LATENT, END, EOS))
 
 
 def collate(rows, pad_id=PAD):
-    """data.collate (official MyCollator) when the formatter is importable, else the same rule here:
-    left-pad so the first latents share a column, right-pad to the longest row."""
-    try:
-        from mlx_coconut.data import Example, collate as data_collate
-    except ImportError:
-        Example = None
-    starts = [ids.index(LATENT) if LATENT in ids else -1 for ids, _ in rows]
-    if Example is not None:
-        exs = [Example(ids, labels, [], 0, 0, s) for (ids, labels), s in zip(rows, starts)]
-        b = data_collate(exs, pad_id)
-        return b["input_ids"], b["labels"], b["left_pad"]
-    target = max(starts)
-    left = [target - s if s >= 0 else 0 for s in starts]
-    width = max(l + len(ids) for l, (ids, _) in zip(left, rows))
-    input_ids = np.full((len(rows), width), pad_id, np.int32)
-    labels = np.full((len(rows), width), IGNORE, np.int32)
-    for i, (l, (ids, lab)) in enumerate(zip(left, rows)):
-        input_ids[i, l:l + len(ids)], labels[i, l:l + len(lab)] = ids, lab
-    return input_ids, labels, np.array(left, np.int32)
+    """data.collate (the official MyCollator rule: first latents share a column) on (ids, labels) rows."""
+    exs = [Example(ids, labels, [], 0, 0, ids.index(LATENT) if LATENT in ids else -1) for ids, labels in rows]
+    b = data_collate(exs, pad_id)
+    return b["input_ids"], b["labels"], b["left_pad"]
 
 
 # ---------------------------------------------------------------- references written in the test
