@@ -99,3 +99,26 @@ def test_errors_are_one_line_exit_2(tmp_path, stage1, case):
     r = run("--model", model, "--prompt", PROMPT, *(["--top-k", 0] if case == "top-k" else []))
     assert r.exit_code == 2
     assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1
+
+
+def test_api_prompts_batching_and_sampling(stage1):
+    from mlx_coconut import generate_answers, load, prompt_ids
+
+    path, _, v = stage1
+    loaded = load(path)
+    # A bare question gets the trained count (stage 1 x c=2); a record is capped at its steps (official eval).
+    assert prompt_ids(loaded, PROMPT).count(v["<|latent|>"]) == 2
+    assert prompt_ids(loaded, {"question": PROMPT, "steps": [], "answer": "5"}).count(v["<|latent|>"]) == 0
+    assert prompt_ids(loaded, {"question": PROMPT, "steps": ["five"], "answer": "5"}).count(v["<|latent|>"]) == 2
+    qs = [PROMPT, "what is four plus five and six", "the answer"]
+    alone = generate_answers(loaded, qs, max_tokens=5, batch_size=1, return_thoughts=True)
+    batched = generate_answers(loaded, qs, max_tokens=5, batch_size=3, return_thoughts=True)
+    assert [a.tokens for a in batched] == [a.tokens for a in alone]
+    for a, b in zip(batched, alone):
+        assert a.thoughts.shape == (2, 32) and float(mx.abs(a.thoughts - b.thoughts).max()) < 1e-5
+    assert [a.text for a in batched] == [loaded.tokenizer.decode(a.tokens) for a in alone]
+    sampled = []
+    for _ in range(2):
+        mx.random.seed(7)
+        sampled.append([a.tokens for a in generate_answers(loaded, qs, max_tokens=5, temp=1.0)])
+    assert sampled[0] == sampled[1] and sampled[0] != [a.tokens for a in alone]
