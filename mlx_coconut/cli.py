@@ -226,6 +226,9 @@ def generate(model_path, prompt, max_tokens, temp, top_p, seed, show_latents, to
                 top = "  ".join(f"{t['token']!r} {t['prob']:.3f}" for t in d["top_k"])
                 line += f"  norm {d['norm']:.2f}  {top}"
             click.echo(line)
+        if not described:  # pause mode: latents are ordinary (learned) tokens, nothing is fed back
+            for i in range(prompt_ids.count(api.special_ids(loaded).latent)):
+                click.echo(f"  <|latent|> {i + 1} (pause token)")
         if api.special_ids(loaded).end_latent in prompt_ids:
             click.echo("<|end-latent|>")
 
