@@ -1,0 +1,135 @@
+"""Latent-loop overhead: training-step time of stage 1 (c=1) and stage 3 (c=2) vs stage 0.
+
+Same GSM8k records, formatted by the product (`data.format_record`, `data.collate`) at stage 0 (CoT),
+stage 1 with c=1 (one thought) and stage 3 with c=2 (six thoughts); one fwd+bwd step each
+(`nn.value_and_grad` over `coconut.loss_fn`, full-weight gradients, evaluated), alternating the three
+for --repeats rounds. Time is compared per supervised token (the latent stages supervise fewer tokens:
+the removed steps). Also: the inference cost of one continuous thought (a cached forward of one
+fed-back column, no output head) vs one decoded token (a cached forward + head + argmax).
+Note: stage 1 drops the first reasoning step from the labels, so "per supervised token" also counts
+the curriculum's smaller supervision; "per input token" (non-pad columns, thoughts included) isolates
+the cost of the latent loop itself. Both are printed.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python scripts/bench_latent.py
+"""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+
+GOAL = 1.15
+STAGES = {"stage 0": (0, 1), "stage 1 (c=1)": (1, 1), "stage 3 (c=2)": (3, 2)}
+
+
+def thought_vs_token(model, prompt_ids, n=16, repeats=5):
+    """Median ms of one thought and one decoded token at bs=1, KV-cached, after the same prompt."""
+    def fresh():
+        cache = model.make_cache(mx.array([0]), step=len(prompt_ids) + n + 8)
+        h = model.hidden_states(mx.array([prompt_ids]), cache)
+        mx.eval(h)
+        return cache, h
+
+    def thoughts():
+        cache, h = fresh()
+        t = time.perf_counter()
+        for _ in range(n):  # as in generate(): the thoughts are one lazy graph, evaluated at the end
+            h = model.hidden_states(input_embeddings=h[:, -1:], cache=cache)
+        mx.eval(h)
+        return (time.perf_counter() - t) / n
+
+    def tokens():
+        cache, h = fresh()
+        tok = mx.argmax(model.logits(h[:, -1]), axis=-1)
+        mx.eval(tok)
+        t = time.perf_counter()
+        for _ in range(n):  # as in generate(): each token is needed on the host (EOS check)
+            tok = mx.argmax(model.logits(model.hidden_states(tok[:, None], cache)[:, -1]), axis=-1)
+            tok.item()
+        return (time.perf_counter() - t) / n
+
+    runs = bc.alternate({"thought": thoughts, "token": tokens}, repeats, log=False)
+    return {k: statistics.median(v) * 1e3 for k, v in runs.items()}, bc.paired_ratio(
+        runs["thought"], runs["token"])
+
+
+def main(argv=None):
+    p = bc.parser(__doc__.splitlines()[0], repeats=3)
+    p.add_argument("--batch-size", type=int, default=8, help="records in the (one) training batch")
+    p.add_argument("--skip", type=int, default=0, help="start at this GSM8k record")
+    args = p.parse_args(argv)
+
+    from mlx_coconut.checkpoint import load_tokenizer
+    from mlx_coconut.coconut import loss_fn
+    from mlx_coconut.data import FormatConfig, collate, format_record, special_ids
+    from mlx_coconut.model import load_model
+    from mlx_coconut.tokens import add_latent_tokens
+
+    path = bc.resolve_model(args.model)
+    bc.header("bench_latent: training step of latent stages vs stage 0, per supervised token")
+    model, _ = load_model(path)
+    tokenizer = load_tokenizer(path)
+    add_latent_tokens(model, tokenizer)
+    ids = special_ids(tokenizer)
+    records = bc.read_gsm8k(args.skip + args.batch_size)[args.skip:]
+
+    batches = {}
+    for name, (stage, c) in STAGES.items():
+        cfg = FormatConfig(mode="coconut" if stage else "cot", stage=stage, c_thought=c,
+                           max_latent_stage=3)
+        b = collate([format_record(r, tokenizer, cfg, ids) for r in records], ids.eos)
+        latent = b["input_ids"] == ids.latent
+        lp = b["left_pad"]
+        batches[name] = (mx.array(b["input_ids"]), mx.array(b["labels"]), latent,
+                         mx.array(lp) if lp.any() else None, int(b["lengths"].sum()))
+        n_sup = int((b["labels"][:, 1:] != -100).sum())
+        print(f"{name}: batch {b['input_ids'].shape[0]} x {b['input_ids'].shape[1]} columns, "
+              f"{int(latent.sum())} thoughts in {int(latent.any(0).sum())} latent columns "
+              f"({int(latent.any(0).sum()) + 1} passes), {n_sup} supervised tokens")
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(name):
+        x, y, latent, left_pad, n_real = batches[name]
+
+        def f():
+            t = time.perf_counter()
+            (loss, ntoks), grads = value_and_grad(model, x, y, latent, left_pad, True)
+            mx.eval(loss, ntoks, grads)
+            dt = time.perf_counter() - t
+            return {"s": dt, "ms_per_tok": dt * 1e3 / ntoks.item(), "ms_per_col": dt * 1e3 / n_real,
+                    "loss": loss.item()}
+        return f
+
+    runs = bc.alternate({name: step(name) for name in STAGES}, args.repeats)
+    base = "stage 0"
+    print(f"fwd+bwd step (median of {args.repeats}, alternating):")
+    for name in STAGES:
+        s, per = bc.median(runs[name], "s"), bc.median(runs[name], "ms_per_tok")
+        r = bc.paired_ratio(runs[name], runs[base], "ms_per_tok")
+        rs = bc.paired_ratio(runs[name], runs[base], "s")
+        rc = bc.paired_ratio(runs[name], runs[base], "ms_per_col")
+        print(f"  {name:14s} {s:7.2f} s/step  {per:7.2f} ms/supervised token; vs stage 0: "
+              f"x{r:.3f} per supervised token, x{rc:.3f} per input token (non-pad, thoughts "
+              f"included), x{rs:.3f} per step   (loss {runs[name][-1]['loss']:.3f})")
+    r1 = bc.paired_ratio(runs["stage 1 (c=1)"], runs[base], "ms_per_tok")
+    r1c = bc.paired_ratio(runs["stage 1 (c=1)"], runs[base], "ms_per_col")
+
+    prompt = format_record(records[0], tokenizer, FormatConfig(mode="cot"), ids).prompt_ids
+    ms, tr = thought_vs_token(model, prompt)
+    print(f"inference, bs=1, KV cache: one thought {ms['thought']:.2f} ms, one decoded token "
+          f"{ms['token']:.2f} ms -> thought/token = {tr:.2f}")
+    print(f"RATIO stage-1/stage-0 time per supervised token = {r1:.3f} (goal <= {GOAL}: "
+          f"{bc.verdict(r1 <= GOAL)}); per input token {r1c:.3f}")
+    return {"ratio": r1, "ratio_per_input_token": r1c, "thought_token": tr}
+
+
+if __name__ == "__main__":
+    main()
