@@ -268,11 +268,73 @@ def generate(model_path, prompt, max_tokens, temp, top_p, seed, show_latents, to
                f"{'' if answer.finished else ', hit --max-tokens'} | load {load_time:.1f}s]")
 
 
-# ---------------------------------------------------------------- eval (issue 6)
+# ---------------------------------------------------------------- eval / plot / quickstart (issue 6)
+def _eval_progress(label, total):
+    return click.progressbar(length=total, label=f"{label:<20}", file=sys.stderr, show_pos=True)
+
+
 @main.command(name="eval")
-def eval_cmd():
-    """Evaluate stages side by side (not yet implemented)."""
-    raise click.ClickException("not yet implemented")
+@click.option("--model", "models", required=True, multiple=True, metavar="DIR",
+              help="Model or run directory (repeat to compare; the first is the baseline).")
+@click.option("--data", "data_path", required=True, metavar="FILE", help="Test records (JSON/jsonl/iCoT).")
+@click.option("--samples", type=int, default=None, help="Only the first N records [all].")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="New tokens per answer.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Cast the weights (default: as stored; use float32 on a Linux CPU).")
+@click.option("--examples", "n_examples", type=int, default=3, show_default=True, help="Examples printed.")
+@click.option("--report", default=None, metavar="MD", help="Write a markdown report.")
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Write all results as JSON.")
+@friendly_errors
+def eval_cmd(models, data_path, samples, batch_size, max_tokens, dtype, n_examples, report, json_path):
+    """Evaluate stages side by side: accuracy, tokens, time, CoT exact match, examples."""
+    import mlx.core as mx
+
+    from .data import load_records
+    from . import report as rep
+
+    if batch_size < 1 or max_tokens < 1 or (samples is not None and samples < 1):
+        raise UserError("--batch-size, --max-tokens and --samples must be >= 1")
+    records = load_records(data_path)[:samples]
+    results = rep.compare(models, records, batch_size, max_tokens,
+                          getattr(mx, dtype) if dtype else None, progress=_eval_progress)
+    click.echo(rep.render_text(results, n_examples))
+    rep.write_outputs(results, report, json_path, data_path, max_tokens)
+    for path in (report, json_path):
+        if path:
+            click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
+@click.option("--out", default="curves.png", show_default=True, help="Output image (.png, .pdf, .svg).")
+@friendly_errors
+def plot(runs, out):
+    """Training loss and validation accuracy over steps, per stage (needs matplotlib)."""
+    from .report import plot_runs
+
+    click.echo(f"wrote {plot_runs(runs, out)}")
+
+
+@main.command()
+@click.option("--out", "out_dir", default="quickstart", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for weights, data, runs and the report.")
+@click.option("--small", is_flag=True, help="A reduced run (CI): tiny data, a few steps, ~1 min.")
+@click.option("--force", is_flag=True, help="Retrain even if the runs in --out are complete.")
+@click.pass_context
+@friendly_errors
+def quickstart(ctx, out_dir, small, force):
+    """The main job on an embedded default: SmolLM2-135M + synthetic data, stage 0 then stage 1, eval."""
+    import time
+
+    from . import quickstart as qs
+
+    start = time.perf_counter()
+    result = qs.run(out_dir, small=small, force=force, log=click.echo, progress=_eval_progress)
+    click.echo(f"\n== generate --show-latents ({result['stage1']})")
+    ctx.invoke(generate, model_path=result["stage1"], prompt=result["question"], show_latents=True,
+               max_tokens=result["max_tokens"])
+    click.echo(f"\nquickstart finished in {time.perf_counter() - start:.0f}s; report: {result['report']}")
 
 
 if __name__ == "__main__":
