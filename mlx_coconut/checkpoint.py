@@ -1,22 +1,40 @@
-"""Load a model directory or a training-run directory: (model, tokenizer, COCONUT settings).
+"""Model directories and training-run directories: load either, save runs atomically.
 
 A converted model directory holds `config.json`, `model*.safetensors` and tokenizer files. A run
-directory is such a directory (or adapters + a base reference) plus `coconut.json`, which records the
-COCONUT settings the run was trained with. Either is accepted wherever a model is expected.
+directory (`mlx-coconut train --out runs/NAME`) is accepted wherever a model directory is:
+
+    runs/NAME/
+      coconut.json          resolved config: settings, token ids, base model, LoRA config, and
+                            "checkpoint": the current checkpoint sub-directory (the commit point)
+      ckpt-0000120/         the checkpoint: full weights (config.json + model.safetensors) or
+                            adapters.safetensors (LoRA + the new-token rows; base from coconut.json),
+                            tokenizer files (with the latent tokens), optimizer.safetensors,
+                            state.json (step, epoch, batch in epoch, RNG)
+      metrics.jsonl         one line per optimizer step
+      eval.json             per-epoch validation loss / accuracy (a list, one entry per epoch)
+
+Saving writes a temp directory, renames it to `ckpt-<step>`, then replaces `coconut.json` (os.replace)
+to point at it, and only then deletes the older checkpoint: a process that dies anywhere in between
+leaves the previous checkpoint loadable.
 """
 
 import json
-from dataclasses import dataclass, field
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
 from .model import Model, load_model
 
 LATENT_TOKENS = ("<|start-latent|>", "<|latent|>", "<|end-latent|>")
 RUN_FILE = "coconut.json"
+RUN_FORMAT = 1
 
 
 @dataclass
@@ -37,10 +55,12 @@ class Loaded:
     tokenizer: object               # mlx-lm TokenizerWrapper (encode/decode, eos_token_ids)
     settings: Settings
     path: Path
+    run: Optional[dict] = None      # coconut.json of a run directory
+    state: Optional[dict] = None    # the checkpoint's state.json (step, epoch, ...)
 
 
 def load_tokenizer(path: Path):
-    from mlx_lm.tokenizer_utils import load_tokenizer as mlx_lm_load_tokenizer
+    from mlx_lm.tokenizer_utils import load as mlx_lm_load_tokenizer
     try:
         return mlx_lm_load_tokenizer(Path(path))
     except Exception as e:  # transformers raises many types for a missing / broken tokenizer
@@ -55,24 +75,276 @@ def latent_token_ids(tokenizer) -> Optional[dict]:
     return None
 
 
-def read_settings(path: Path) -> Settings:
-    run_file = Path(path) / RUN_FILE
-    if not run_file.exists():
-        return Settings()
+def _read_json(file: Path) -> dict:
     try:
-        data = json.loads(run_file.read_text())
+        return json.loads(Path(file).read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{run_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        raise UserError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def read_run(path) -> Optional[dict]:
+    """coconut.json of a run directory (one with a checkpoint), else None."""
+    run_file = Path(path) / RUN_FILE
+    if not run_file.is_file():
+        return None
+    run = _read_json(run_file)
+    return run if run.get("checkpoint") else None
+
+
+def is_run_dir(path) -> bool:
+    return read_run(path) is not None
+
+
+def _settings(data: dict) -> Settings:
     known = {k: v for k, v in data.get("settings", {}).items() if k in Settings.__dataclass_fields__}
     return Settings(**known)
 
 
+def read_settings(path: Path) -> Settings:
+    run_file = Path(path) / RUN_FILE
+    if not run_file.exists():
+        return Settings()
+    return _settings(_read_json(run_file))
+
+
+def checkpoint_dir(path) -> Path:
+    run = read_run(path)
+    if run is None:
+        raise UserError(f"{path}: not a run directory (no {RUN_FILE} with a checkpoint)")
+    ckpt = Path(path) / run["checkpoint"]
+    if not ckpt.is_dir():
+        raise UserError(f"{path}: {RUN_FILE} points at {run['checkpoint']}, which does not exist")
+    return ckpt
+
+
+# ---------------------------------------------------------------- LoRA + trainable new-token rows
+
+
+class ExtraRows(nn.Module):
+    """An Embedding / Linear (or their quantized forms) whose rows `ids` are replaced by a small
+    trainable matrix: the big base matrix stays frozen, only len(ids) rows train (the COCONUT tokens).
+
+    Works both as the embedding (`__call__` on ids, `as_linear` for tied heads) and as an untied
+    output head (`__call__` on hidden states when `head=True`)."""
+
+    def __init__(self, base: nn.Module, ids, head: bool = False):
+        super().__init__()
+        self.base = base
+        self.base.freeze()
+        self._ids = [int(i) for i in ids]
+        self._head = head
+        rows = base_rows(base, self._ids)
+        self.extra = rows.astype(mx.float32) if rows.dtype not in (mx.float32, mx.bfloat16,
+                                                                     mx.float16) else rows
+        # one-hot [n, V] selector to put the new rows' logits into their columns (differentiable)
+        V = self._num_rows()
+        self._onehot = (mx.arange(V)[None, :] == mx.array(self._ids)[:, None])
+        self._is_new = self._onehot.any(axis=0)
+
+    def _num_rows(self):
+        w = self.base.weight
+        return w.shape[0]
+
+    def _embed(self, ids):
+        h = self.base(ids)
+        for k, i in enumerate(self._ids):
+            h = mx.where((ids == i)[..., None], self.extra[k].astype(h.dtype), h)
+        return h
+
+    def _project(self, x):
+        base = self.base.as_linear(x) if not self._head else self.base(x)
+        new = (x @ self.extra.astype(x.dtype).T) @ self._onehot.astype(x.dtype)
+        return mx.where(self._is_new, new, base)
+
+    def __call__(self, x):
+        return self._project(x) if self._head else self._embed(x)
+
+    def as_linear(self, x):
+        return self._project(x)
+
+    def merged_weight(self):
+        """The base matrix with the trained rows written back (unquantized bases only)."""
+        return _set_rows(self.base.weight, self._ids, self.extra)
+
+
+def _set_rows(w, ids, rows):
+    w = mx.array(w)
+    w[mx.array(ids)] = rows.astype(w.dtype)
+    return w
+
+
+def base_rows(layer, ids) -> mx.array:
+    """Rows `ids` of an Embedding/Linear weight, dequantized if needed."""
+    idx = mx.array(ids)
+    if isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
+        b = layer.biases[idx] if layer.biases is not None else None
+        return mx.dequantize(layer.weight[idx], layer.scales[idx], b, layer.group_size, layer.bits)
+    return layer.weight[idx]
+
+
+def apply_lora(model: Model, lora: dict, new_ids) -> Model:
+    """Freeze `model`, add mlx-lm LoRA layers to the last `lora["layers"]` blocks (attention + MLP
+    projections) and make the new-token rows of the embedding (and untied head) trainable."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    n = lora.get("layers") or len(model.layers)
+    linear_to_lora_layers(model, n, {"rank": lora["rank"], "scale": lora["scale"],
+                                     "dropout": lora.get("dropout", 0.0)})
+    model.model.embed_tokens = ExtraRows(model.model.embed_tokens, new_ids)
+    if not model.args.tie_word_embeddings:
+        model.lm_head = ExtraRows(model.lm_head, new_ids, head=True)
+    return model
+
+
+def quantize_base(model: Model, bits: int, group_size: int = 64):
+    """QLoRA: quantize the frozen base in place (every Linear and the embedding that divide evenly)."""
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=lambda p, m: isinstance(m, (nn.Linear, nn.Embedding))
+                and m.weight.shape[-1] % group_size == 0)
+
+
+def is_quantized(model) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+# ---------------------------------------------------------------- load
+
+
 def load(path, dtype: Optional[mx.Dtype] = None) -> Loaded:
-    """Load a converted model directory or a run directory (full weights)."""
+    """Load a converted model directory or a run directory (full weights or LoRA adapters)."""
     path = Path(path)
-    model, _ = load_model(path, dtype=dtype)
-    tokenizer = load_tokenizer(path)
-    settings = read_settings(path)
+    run = read_run(path)
+    if run is None:
+        model, _ = load_model(path, dtype=dtype)
+        tokenizer = load_tokenizer(path)
+        settings = read_settings(path)
+        if settings.latent_ids is None:
+            settings.latent_ids = latent_token_ids(tokenizer)
+        return Loaded(model, tokenizer, settings, path)
+
+    ckpt = checkpoint_dir(path)
+    tokenizer = load_tokenizer(ckpt)
+    if run.get("weights") == "lora":
+        model = _load_lora(run, ckpt, tokenizer, dtype)
+    else:
+        model, _ = load_model(ckpt, dtype=dtype)
+    settings = _settings(run)
     if settings.latent_ids is None:
         settings.latent_ids = latent_token_ids(tokenizer)
-    return Loaded(model, tokenizer, settings, path)
+    state = _read_json(ckpt / "state.json") if (ckpt / "state.json").exists() else None
+    return Loaded(model, tokenizer, settings, path, run, state)
+
+
+def _load_lora(run: dict, ckpt: Path, tokenizer, dtype) -> Model:
+    from .tokens import add_latent_tokens
+
+    base = Path(run["base_model"])
+    if not base.is_dir():
+        raise UserError(f"{ckpt.parent}: its base model {base} is missing (LoRA runs store adapters only)")
+    model, _ = load_model(base, dtype=dtype)
+    ids = add_latent_tokens(model, tokenizer).ids  # same ids: the tokenizer already has them
+    lora = run["lora"]
+    if (q := lora.get("quantization")) and not is_quantized(model):
+        quantize_base(model, q["bits"], q["group_size"])
+    apply_lora(model, lora, ids)
+    adapters = mx.load(str(ckpt / "adapters.safetensors"))
+    if dtype is not None:
+        adapters = {k: v.astype(dtype) for k, v in adapters.items()}
+    model.load_weights(list(adapters.items()), strict=False)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load_optimizer_state(path) -> tuple:
+    """(optimizer state tree, state.json dict) of a run directory's current checkpoint."""
+    ckpt = checkpoint_dir(path)
+    flat = mx.load(str(ckpt / "optimizer.safetensors"))
+    rng = flat.pop("__mx_random_state__", None)
+    state = _read_json(ckpt / "state.json")
+    state["mx_random_state"] = rng
+    return tree_unflatten(list(flat.items())), state
+
+
+# ---------------------------------------------------------------- save
+
+
+def model_weights(model: Model) -> dict:
+    """Full weights with HF names (ExtraRows merged back) for a full-weight run."""
+    flat = dict(tree_flatten(model.parameters()))
+    for name, m in model.named_modules():
+        if isinstance(m, ExtraRows):
+            for k in [k for k in flat if k.startswith(name + ".")]:
+                del flat[k]
+            flat[name + ".weight"] = m.merged_weight()
+    return flat
+
+
+def _model_config(model: Model) -> dict:
+    config = model.args.to_dict()
+    config["vocab_size"] = model.model.embed_tokens.weight.shape[0]
+    return config
+
+
+def save_checkpoint(run_dir, run: dict, model: Model, tokenizer, optimizer, state: dict,
+                    keep_previous: bool = False) -> Path:
+    """Write checkpoint `ckpt-<step>` into `run_dir` atomically and point coconut.json at it.
+
+    `run` is the resolved config (coconut.json minus "checkpoint"); `run["weights"]` is "full" or
+    "lora". `state` (json-able) gets the current mx.random state added."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{state['step']:07d}"
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        if run["weights"] == "lora":
+            adapters = dict(tree_flatten(model.trainable_parameters()))
+            mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
+        else:
+            mx.save_safetensors(str(tmp / "model.safetensors"), model_weights(model),
+                                metadata={"format": "mlx"})
+            (tmp / "config.json").write_text(json.dumps(_model_config(model), indent=2))
+        hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        hf.save_pretrained(str(tmp))
+        opt = dict(tree_flatten(optimizer.state)) if optimizer is not None else {}
+        opt["__mx_random_state__"] = mx.random.state[0]
+        _write_optimizer(tmp / "optimizer.safetensors", opt)
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():  # the same step saved again (e.g. epoch end right after --save-every)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json_atomic(run_dir / RUN_FILE, {**run, "format": RUN_FORMAT, "checkpoint": name})
+    if not keep_previous:
+        for old in run_dir.glob("ckpt-*"):
+            if old.name != name and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_optimizer(file: Path, flat: dict):
+    # a separate function so tests can make it fail mid-save
+    mx.save_safetensors(str(file), flat)
+
+
+def write_json_atomic(file, data):
+    file = Path(file)
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, file)
+
+
+def append_jsonl(file, record: dict):
+    with open(file, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def settings_dict(settings: Settings) -> dict:
+    return asdict(settings)

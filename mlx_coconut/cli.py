@@ -168,10 +168,89 @@ def latent_tokens(model_path, prompt, max_tokens):
 
 
 # ---------------------------------------------------------------- train (issue 5)
+def _train_options(fn):
+    """Every `train` flag defaults to None so -c/--config YAML and an --init run can fill it."""
+    opts = [
+        click.option("-c", "--config", "config_file", type=click.Path(), help="YAML file with any of these options (flags win)."),
+        click.option("--model", help="Model directory (or run directory) to start from."),
+        click.option("--init", help="Previous run directory: weights carried over, optimizer reset."),
+        click.option("--out", help="Run directory to write."),
+        click.option("--resume", is_flag=True, default=None, help="Continue the run in --out (same data order)."),
+        click.option("--train", "train_file", help="Training data (JSON/jsonl/iCoT); default: synthetic."),
+        click.option("--valid", help="Validation data (default: synthetic / a training subset)."),
+        click.option("--samples", type=int, help="Train on the first N records after a seeded shuffle."),
+        click.option("--eval-samples", type=int, help="Validation questions for loss + accuracy each epoch [32]."),
+        click.option("--stage", type=int, help="Curriculum stage: 0 = CoT, k = first k steps -> k*c thoughts [0]."),
+        click.option("--stages", help="Run consecutive stages, e.g. 0-3 (one run dir per stage under --out)."),
+        click.option("--epochs-per-stage", type=int, help="Epochs per stage with --stages [--epochs]."),
+        click.option("--mode", type=click.Choice(["cot", "coconut", "no-cot", "pause", "no-thought"]),
+                     help="Default: cot at stage 0, coconut after."),
+        click.option("--c-thought", type=int, help="Continuous thoughts per replaced step [1]."),
+        click.option("--max-latent-stage", type=int, help="Stages past this remove all steps [3]."),
+        click.option("--pad-latent-to-max/--no-pad-latent-to-max", default=None, help="Official pad_latent_to_max."),
+        click.option("--uniform-prob", type=float, help="Probability of a uniformly random stage per example [0]."),
+        click.option("--epochs", type=int, help="Epochs [3]."),
+        click.option("--batch-size", type=int, help="Batch size [8]."),
+        click.option("--learning-rate", "--lr", "learning_rate", type=float, help="AdamW learning rate [1e-4]."),
+        click.option("--weight-decay", type=float, help="AdamW weight decay [0.01]."),
+        click.option("--grad-accumulation-steps", type=int, help="Micro-batches per optimizer step [1]."),
+        click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute blocks in backward."),
+        click.option("--max-seq-length", type=int, help="Drop longer examples [1024]."),
+        click.option("--seed", type=int, help="Seed for data order, sampling and init [0]."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+                     help="Training dtype [float32 on CPU, bfloat16 on Metal]."),
+        click.option("--lora/--no-lora", default=None, help="LoRA on attention/MLP projections (+ new-token rows)."),
+        click.option("--lora-rank", type=int, help="LoRA rank [8]."),
+        click.option("--lora-scale", type=float, help="LoRA scale [20.0] (mlx-lm convention)."),
+        click.option("--lora-layers", type=int, help="LoRA on the last N blocks [all]."),
+        click.option("--lora-dropout", type=float, help="LoRA dropout [0]."),
+        click.option("-q", "--q-bits", type=int, help="QLoRA: quantize the frozen base to this many bits (with --lora)."),
+        click.option("--q-group-size", type=int, help="QLoRA quantization group size [64]."),
+        click.option("--save-every", type=int, help="Checkpoint every N optimizer steps [500]; always at epoch ends."),
+        click.option("--max-new-tokens", type=int, help="Generation budget for the per-epoch accuracy [64]."),
+        click.option("--synth-samples", type=int, help="Synthetic records when no --train [1000]."),
+        click.option("--compile/--no-compile", default=None, help="mx.compile the no-latent step [on]."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
-def train():
-    """Train stage 0 (CoT) or stage k (COCONUT) (not yet implemented)."""
-    raise click.ClickException("not yet implemented")
+@_train_options
+@friendly_errors
+def train(config_file, train_file, **flags):
+    """Train stage 0 (CoT) or stage k (COCONUT): full fine-tune, --lora or QLoRA (--lora -q 4).
+
+    \b
+    mlx-coconut train --stage 0 --model weights/llama-3.1-8b --train data/gsm8k/train.json \\
+        --valid data/gsm8k/valid.json --samples 10000 --epochs 3 --batch-size 8 --out runs/stage0
+    mlx-coconut train --stage 1 --c-thought 1 --init runs/stage0 --out runs/stage1
+    """
+    from . import train as train_lib
+
+    values = {}
+    if config_file:
+        import yaml
+        try:
+            with open(config_file) as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise UserError(f"-c {config_file}: cannot read ({e.strerror})")
+        except yaml.YAMLError as e:
+            raise UserError(f"-c {config_file}: invalid YAML ({str(e).splitlines()[0]})")
+        if not isinstance(loaded, dict):
+            raise UserError(f"-c {config_file}: expected a mapping of option: value")
+        values.update(loaded)
+    flags["train"] = train_file
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values.setdefault("stage", 0)
+    values["resume"] = bool(values.get("resume"))
+    config = train_lib.config_from_dict(values, f"-c {config_file}" if config_file else "train")
+    try:
+        train_lib.run(config)
+    except KeyboardInterrupt:
+        raise UserError("interrupted") from None
 
 
 # ---------------------------------------------------------------- generate (issue 4/6)

@@ -1,0 +1,108 @@
+"""Generation accuracy: the official answer extraction and a batched evaluation loop.
+
+`evaluate` prompts the model exactly as it was trained (the formatter's `prompt_ids`: question, and for
+COCONUT stages `<|start-latent|>` + k·c latents + `<|end-latent|>`), generates greedily with the one
+latent loop (`coconut.generate`), and scores like the official `run.py`: decode prompt + generation
+without special tokens, take the text after the last `#`, drop commas, strip, compare exactly with the
+reference answer (commas dropped, stripped).
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from . import coconut
+from .data import FormatConfig, SpecialIds, format_record
+
+
+def extract_answer(text: str) -> str:
+    """Official: `text.split("#")[-1].replace(",", "").strip()` (the whole text if there is no `#`)."""
+    return text.split("#")[-1].replace(",", "").strip()
+
+
+def extract_cot(text: str) -> str:
+    """Official CoT match: lines after the first (the question), up to the first `#`, stripped."""
+    return "\n".join(text.split("\n")[1:]).split("#")[0].strip()
+
+
+def reference_answer(answer: str) -> str:
+    return answer.replace(",", "").strip()
+
+
+@dataclass
+class EvalResults:
+    examples: list             # per record: question, answer, prediction, correct, text, ...
+    accuracy: float
+    cot_match: float           # generated steps == reference steps (official `cor_cot`)
+    mean_generated_tokens: float
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def n(self):
+        return len(self.examples)
+
+    def summary(self) -> dict:
+        return {"n": self.n, "accuracy": self.accuracy, "cot_match": self.cot_match,
+                "mean_generated_tokens": self.mean_generated_tokens, "seconds": self.seconds}
+
+
+def special_ids(tokenizer, settings) -> SpecialIds:
+    ids = settings.latent_ids or {}
+    return SpecialIds(ids.get("start", -1), ids.get("latent", -1), ids.get("end", -1),
+                      int(tokenizer.eos_token_id))
+
+
+def format_config(settings, stage: Optional[int] = None) -> FormatConfig:
+    """The prompt form a model trained with `settings` expects (no uniform mixing at eval, as official)."""
+    return FormatConfig(mode=settings.mode, stage=settings.stage if stage is None else stage,
+                        c_thought=settings.c_thought, max_latent_stage=settings.max_latent_stage,
+                        pad_latent_to_max=settings.pad_latent_to_max, uniform_prob=0.0)
+
+
+def evaluate(model, tokenizer, settings, records, batch_size: int = 8, max_tokens: int = 64,
+             stage: Optional[int] = None, sampler: Optional[Callable] = None,
+             progress: Optional[Callable] = None) -> EvalResults:
+    """Greedy batched generation on `records` → per-example predictions and exact-match accuracy.
+
+    `model` may also be a `checkpoint.Loaded` (then tokenizer/settings default to its own).
+    `stage` overrides the trained stage (e.g. evaluate a stage-2 model with stage-1 prompts).
+    `progress(n_done)` is called after each batch."""
+    if hasattr(model, "settings") and hasattr(model, "model"):  # a checkpoint.Loaded
+        tokenizer = tokenizer or model.tokenizer
+        settings = settings or model.settings
+        model = model.model
+    ids = special_ids(tokenizer, settings)
+    config = format_config(settings, stage)
+    feedback = settings.mode != "pause"
+    eos = sorted(set(getattr(tokenizer, "eos_token_ids", None) or [ids.eos]))
+    examples = [format_record(r, tokenizer, config, ids) for r in records]
+    order = sorted(range(len(records)), key=lambda i: len(examples[i].prompt_ids))  # less padding
+    out = [None] * len(records)
+    start = time.perf_counter()
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        gen = coconut.generate(model, [examples[i].prompt_ids for i in idx], latent_id=ids.latent,
+                               eos_ids=eos, max_tokens=max_tokens, pad_id=ids.eos,
+                               sampler=sampler, feedback=feedback)
+        for j, i in enumerate(idx):
+            rec, ex, toks = records[i], examples[i], gen.tokens[j]
+            text = tokenizer.decode(list(ex.prompt_ids) + list(toks), skip_special_tokens=True)
+            pred, ref = extract_answer(text), reference_answer(rec.answer)
+            out[i] = {"index": i, "question": rec.question, "answer": ref, "prediction": pred,
+                      "correct": pred == ref, "cot_match": extract_cot(text) == "\n".join(rec.steps),
+                      "generated": tokenizer.decode(list(toks)), "n_generated": len(toks),
+                      "n_latents": sum(t == ids.latent for t in ex.prompt_ids),
+                      "finished": gen.finished[j]}
+        if progress is not None:
+            progress(min(b + batch_size, len(order)))
+    seconds = time.perf_counter() - start
+    n = max(len(out), 1)
+    return EvalResults(
+        examples=out,
+        accuracy=sum(e["correct"] for e in out) / n,
+        cot_match=sum(e["cot_match"] for e in out) / n,
+        mean_generated_tokens=sum(e["n_generated"] for e in out) / n,
+        seconds=seconds,
+        settings={"mode": config.mode, "stage": config.stage, "c_thought": config.c_thought},
+    )

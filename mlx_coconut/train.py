@@ -1,0 +1,727 @@
+"""Training: stage 0 (CoT) and stage k (COCONUT), full fine-tune, LoRA or QLoRA, resumable runs.
+
+One stage = the official `run.py` inner loop for a fixed scheduled stage: the records are formatted
+for that stage (k·c thoughts replace the first k steps), shuffled per epoch with a seeded order,
+collated with the official left padding, and trained with AdamW on `coconut.loss_fn` (the one latent
+loop). A curriculum (`stages="0-3"`) runs consecutive stages, each from the previous one's weights with
+a fresh optimizer (official `reset_optimizer`), each in its own run directory `OUT/stageK`.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from . import checkpoint as ckpt
+from .coconut import loss_fn
+from .data import FormatConfig, MODES, SpecialIds, collate, format_record, load_records
+from .errors import UserError
+from .evaluate import evaluate
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    # what to train from / where to write
+    model: Optional[str] = None          # a model directory (or a run directory)
+    init: Optional[str] = None           # a previous run: weights carried over, optimizer reset
+    out: Optional[str] = None
+    resume: bool = False
+    # data (None = inherit from --init's run, else the defaults below)
+    train: Optional[str] = None          # data file; none = synthetic records (the embedded default)
+    valid: Optional[str] = None
+    samples: Optional[int] = None        # first N after a seeded shuffle
+    eval_samples: Optional[int] = None
+    # COCONUT
+    stage: int = 0
+    stages: Optional[str] = None         # curriculum "0-3"
+    epochs_per_stage: Optional[int] = None
+    mode: Optional[str] = None           # cot (stage 0) | coconut (stage k) | no-cot | pause | no-thought
+    c_thought: Optional[int] = None
+    max_latent_stage: Optional[int] = None
+    pad_latent_to_max: Optional[bool] = None
+    uniform_prob: Optional[float] = None
+    # optimisation
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    learning_rate: Optional[float] = None
+    weight_decay: Optional[float] = None
+    grad_accumulation_steps: Optional[int] = None
+    grad_checkpoint: Optional[bool] = None
+    max_seq_length: Optional[int] = None
+    seed: Optional[int] = None
+    dtype: Optional[str] = None
+    # LoRA / QLoRA
+    lora: Optional[bool] = None
+    lora_rank: Optional[int] = None
+    lora_scale: Optional[float] = None
+    lora_layers: Optional[int] = None     # last N blocks (0/None = all)
+    lora_dropout: Optional[float] = None
+    q_bits: Optional[int] = None          # QLoRA: quantize the frozen base to this many bits
+    q_group_size: Optional[int] = None
+    # bookkeeping
+    save_every: Optional[int] = None      # optimizer steps (0 = only at epoch ends)
+    max_new_tokens: Optional[int] = None  # generation budget of the per-epoch accuracy
+    synth_samples: Optional[int] = None   # how many synthetic records when no --train
+    compile: Optional[bool] = None        # mx.compile the no-latent (stage 0) step
+    bucket: Optional[int] = None          # pad sequence lengths up to a multiple of this
+    stop_after_steps: Optional[int] = None  # behave like Ctrl-C after this global step (tests)
+
+
+DEFAULTS = dict(
+    samples=None, eval_samples=32, c_thought=1, max_latent_stage=3, pad_latent_to_max=False,
+    uniform_prob=0.0, epochs=3, batch_size=8, learning_rate=1e-4, weight_decay=0.01,
+    grad_accumulation_steps=1, grad_checkpoint=False, max_seq_length=1024, seed=0, dtype=None,
+    lora=False, lora_rank=8, lora_scale=20.0, lora_layers=0, lora_dropout=0.0, q_bits=None,
+    q_group_size=64, save_every=500, max_new_tokens=64, synth_samples=1000, compile=True, bucket=32,
+)
+# carried over from an --init run unless given again (data, hyper-parameters, LoRA)
+INHERITED = ("train", "valid", "samples", "eval_samples", "c_thought", "max_latent_stage",
+             "pad_latent_to_max", "uniform_prob", "epochs", "batch_size", "learning_rate",
+             "weight_decay", "grad_accumulation_steps", "grad_checkpoint", "max_seq_length", "seed",
+             "dtype", "lora", "lora_rank", "lora_scale", "lora_layers", "lora_dropout", "q_bits",
+             "q_group_size", "max_new_tokens", "synth_samples", "bucket")
+
+
+def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    d = {k.replace("-", "_"): v for k, v in d.items()}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}")
+    return TrainConfig(**d)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run(config: TrainConfig, log=print) -> dict:
+    """Train one stage, or a curriculum of stages (`config.stages`). Returns a summary dict."""
+    if config.stages:
+        return run_curriculum(config, log)
+    return train_stage(config, log)
+
+
+def parse_stages(text: str) -> list:
+    try:
+        if "-" in text:
+            a, b = text.split("-", 1)
+            stages = list(range(int(a), int(b) + 1))
+        else:
+            stages = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--stages {text!r}: expected a range like 0-3 or a list like 0,1,2") from None
+    if not stages or min(stages) < 0:
+        raise UserError(f"--stages {text!r}: expected non-negative stages")
+    return stages
+
+
+def run_curriculum(config: TrainConfig, log=print) -> dict:
+    """Official schedule: stage s for `epochs_per_stage` epochs, optimizer reset at each stage."""
+    stages = parse_stages(config.stages)
+    if not config.out:
+        raise UserError("--out is required (the run directory)")
+    root = Path(config.out)
+    prev, results = None, {}
+    for s in stages:
+        out = root / f"stage{s}"
+        cfg = TrainConfig(**{**asdict(config), "stages": None, "stage": s, "out": str(out),
+                             "epochs": config.epochs_per_stage or config.epochs})
+        if s != stages[0]:
+            cfg.model, cfg.init = None, str(prev)
+            cfg.mode = None if config.mode in (None, "cot") else config.mode
+        run_state = _run_state(out)
+        if run_state and run_state.get("complete"):
+            log(f"stage {s}: already complete in {out}")
+        else:
+            cfg.resume = bool(run_state) and config.resume
+            log(f"=== stage {s} -> {out}")
+            results[s] = train_stage(cfg, log)
+        prev = out
+    return {"stages": results, "out": str(root)}
+
+
+def _run_state(out: Path) -> Optional[dict]:
+    try:
+        return ckpt.load_optimizer_state(out)[1] if ckpt.is_run_dir(out) else None
+    except (UserError, OSError):
+        return None
+
+
+# ---------------------------------------------------------------- config resolution
+
+
+def resolve(config: TrainConfig) -> tuple:
+    """Fill unset fields from the --init run, then defaults; validate. → (config, init run or None)."""
+    if not config.out:
+        raise UserError("--out is required (the run directory)")
+    init_run = None
+    if config.init:
+        p = Path(config.init)
+        if not p.is_dir():
+            raise UserError(f"--init {config.init}: no such directory")
+        init_run = ckpt.read_run(p)
+        if init_run is None:
+            raise UserError(f"--init {config.init}: not a run directory (no {ckpt.RUN_FILE} with a "
+                            f"checkpoint); use --model for a plain model directory")
+        if config.model:
+            raise UserError("give either --model or --init, not both")
+    elif not config.model:
+        raise UserError("give --model (a model directory) or --init (a previous run directory)")
+    values = asdict(config)
+    inherited = (init_run or {}).get("config", {})
+    for k in INHERITED:
+        if values[k] is None and k in inherited:
+            values[k] = inherited[k]
+    for k, v in DEFAULTS.items():
+        if values[k] is None:
+            values[k] = v
+    cfg = TrainConfig(**values)
+    if cfg.mode is None:
+        cfg.mode = "cot" if cfg.stage == 0 else "coconut"
+    if cfg.dtype is None:
+        cfg.dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
+    validate(cfg)
+    return cfg, init_run
+
+
+def validate(cfg: TrainConfig):
+    if cfg.mode not in MODES:
+        raise UserError(f"--mode {cfg.mode}: choose from {', '.join(MODES)}")
+    if cfg.mode in ("cot", "no-cot") and cfg.stage != 0:
+        raise UserError(f"--mode {cfg.mode} has no stages (use --stage 0 or --mode coconut)")
+    if cfg.mode in ("coconut", "pause") and cfg.stage > 0 and cfg.c_thought < 1:
+        raise UserError(f"--stage {cfg.stage} with --c-thought {cfg.c_thought}: a COCONUT stage needs "
+                        f"at least one thought per step (use --mode no-thought to drop steps without thoughts)")
+    for name in ("stage", "c_thought", "max_latent_stage"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("epochs", "batch_size", "grad_accumulation_steps", "max_seq_length", "bucket"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= cfg.uniform_prob <= 1:
+        raise UserError("--uniform-prob must be in [0, 1]")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype {cfg.dtype}: choose from {', '.join(DTYPES)}")
+    if cfg.q_bits is not None and not cfg.lora:
+        raise UserError("-q/--q-bits quantizes the frozen base for QLoRA: add --lora")
+    if cfg.q_bits is not None and cfg.q_bits not in (2, 3, 4, 5, 6, 8):
+        raise UserError(f"--q-bits {cfg.q_bits}: choose from 2, 3, 4, 5, 6, 8")
+    if cfg.learning_rate <= 0:
+        raise UserError("--learning-rate must be > 0")
+
+
+def check_writable(out: Path):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out}: not writable ({e.strerror or e})") from None
+
+
+# ---------------------------------------------------------------- memory estimate
+
+
+def count_params(config: dict) -> int:
+    """Parameter count of a Llama from its config.json (no weights needed)."""
+    D, L, I, V = (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"],
+                  config["vocab_size"])
+    H = config["num_attention_heads"]
+    KV = config.get("num_key_value_heads") or H
+    hd = config.get("head_dim") or D // H
+    per_layer = 2 * D * H * hd + 2 * D * KV * hd + 3 * D * I + 2 * D
+    return L * per_layer + V * D * (1 if config.get("tie_word_embeddings") else 2) + D
+
+
+def available_memory() -> Optional[int]:
+    try:
+        if mx.metal.is_available():
+            return int(mx.device_info()["max_recommended_working_set_size"])
+    except Exception:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_estimate(config: dict, cfg: TrainConfig) -> tuple:
+    """(params, bytes before activations): full = weights + grads + 2 fp32 Adam moments."""
+    p = count_params(config)
+    w = DTYPES[cfg.dtype].size
+    if cfg.lora:
+        bits = cfg.q_bits or (config.get("quantization") or {}).get("bits")
+        return p, int(p * (bits / 8 if bits else w))
+    return p, p * (2 * w + 8)
+
+
+def warn_memory(model_dir: Path, cfg: TrainConfig, log):
+    cfg_file = model_dir / "config.json"
+    if not cfg_file.exists():
+        return
+    try:
+        config = json.loads(cfg_file.read_text())
+        params, need = memory_estimate(config, cfg)
+    except (KeyError, ValueError, TypeError):
+        return
+    avail = available_memory()
+    if avail is not None and need > avail:
+        what = "LoRA on the frozen base" if cfg.lora else "full fine-tuning (weights + grads + 2 fp32 Adam moments)"
+        log(f"warning: {what} of this {params / 1e9:.2f}B-parameter model needs ~{need / 1e9:.1f} GB "
+            f"before activations, but only {avail / 1e9:.1f} GB is available; "
+            + ("use --lora (LoRA) or --lora -q 4 (QLoRA)" if not cfg.lora else "use -q 4 (QLoRA)"))
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_data(cfg: TrainConfig, log) -> tuple:
+    from .data import synth_records
+    if cfg.train:
+        records = load_records(cfg.train)
+    else:
+        records = synth_records(cfg.synth_samples, seed=cfg.seed)
+    random.Random(cfg.seed).shuffle(records)  # seeded shuffle, then the first N
+    if cfg.samples:
+        records = records[: cfg.samples]
+    if cfg.valid:
+        valid = load_records(cfg.valid)
+    elif not cfg.train:
+        valid = synth_records(max(cfg.eval_samples, 1), seed=cfg.seed + 10_000)
+    else:
+        valid = records[: max(cfg.eval_samples, 1)]
+        log(f"note: no --valid file; validating on {len(valid)} training records")
+    return records, valid[: cfg.eval_samples] if cfg.eval_samples else []
+
+
+def format_config(cfg: TrainConfig, uniform: bool = True) -> FormatConfig:
+    return FormatConfig(mode=cfg.mode, stage=cfg.stage, c_thought=cfg.c_thought,
+                        max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=cfg.pad_latent_to_max,
+                        uniform_prob=cfg.uniform_prob if uniform else 0.0)
+
+
+def epoch_batches(records, tokenizer, fcfg: FormatConfig, ids: SpecialIds, cfg: TrainConfig,
+                  epoch: int) -> list:
+    """The epoch's batches of Examples: a deterministic function of (seed, epoch) so a resumed run
+    sees exactly the same order (and the same uniform-stage draws)."""
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(records))
+    rng = random.Random(cfg.seed * 1_000_003 + epoch)
+    examples = [format_record(records[i], tokenizer, fcfg, ids, rng) for i in order]
+    examples = [e for e in examples if len(e.input_ids) <= cfg.max_seq_length]
+    return [examples[i:i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
+
+
+def make_batch(examples, pad_id: int, latent_id: int, bucket: int) -> dict:
+    """Collate (official left padding), then right-pad T up to a multiple of `bucket` so compiled
+    steps see few distinct shapes."""
+    b = collate(examples, pad_id)
+    B, T = b["input_ids"].shape
+    Tb = ((T + bucket - 1) // bucket) * bucket
+    if Tb > T:
+        b["input_ids"] = np.pad(b["input_ids"], ((0, 0), (0, Tb - T)), constant_values=pad_id)
+        b["labels"] = np.pad(b["labels"], ((0, 0), (0, Tb - T)), constant_values=-100)
+    b["latent_mask"] = b["input_ids"] == latent_id
+    b["ntokens"] = int(b["lengths"].sum())
+    return b
+
+
+# ---------------------------------------------------------------- model set-up
+
+
+def setup_model(cfg: TrainConfig, init_run: Optional[dict], log):
+    """Load weights (model dir or run dir), add the latent tokens, apply LoRA/QLoRA.
+    → (model, tokenizer, ids, run-record fields)."""
+    from .tokens import add_latent_tokens
+
+    dtype = DTYPES[cfg.dtype]
+    source = Path(cfg.init or cfg.model)
+    if init_run and init_run.get("weights") == "lora" and not cfg.lora:
+        raise UserError(f"--init {source} is a LoRA run: continue it with --lora")
+    base_dir = Path(init_run["base_model"]) if init_run and init_run.get("weights") == "lora" else source
+    warn_memory(ckpt.checkpoint_dir(source) if init_run and init_run.get("weights") == "full" else base_dir,
+                cfg, log)
+    loaded = ckpt.load(source, dtype=dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    lora_cfg = None
+    if cfg.lora:
+        lora_cfg = {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout,
+                    "layers": cfg.lora_layers, "quantization": None}
+        if init_run and init_run.get("weights") == "lora":
+            lora_cfg = init_run["lora"]  # same adapters keep training
+            ids = ckpt.latent_token_ids(tokenizer)
+            ids = (ids["start"], ids["latent"], ids["end"])
+        else:
+            ids = add_latent_tokens(model, tokenizer).ids
+            if ckpt.is_quantized(model):
+                lora_cfg["quantization"] = None  # the base is stored quantized: used as-is
+            elif cfg.q_bits:
+                ckpt.quantize_base(model, cfg.q_bits, cfg.q_group_size)
+                lora_cfg["quantization"] = {"bits": cfg.q_bits, "group_size": cfg.q_group_size}
+            ckpt.apply_lora(model, lora_cfg, ids)
+        weights = "lora"
+    else:
+        if ckpt.is_quantized(model):
+            raise UserError(f"{source}: the model is quantized; quantized weights cannot be fully "
+                            f"fine-tuned: add --lora (QLoRA)")
+        ids = add_latent_tokens(model, tokenizer).ids
+        weights = "full"
+    mx.eval(model.parameters())
+    eos = int(tokenizer.eos_token_id)
+    special = SpecialIds(ids[0], ids[1], ids[2], eos)
+    record = {"weights": weights, "lora": lora_cfg,
+              "base_model": str(base_dir.resolve()) if weights == "lora" else None,
+              "source": str(source.resolve())}
+    return model, tokenizer, special, record
+
+
+def enable_grad_checkpoint(model):
+    """Recompute each transformer block in the backward pass (trades compute for activation memory).
+    Non-array arguments (mask string, KV cache, layer index) are closed over."""
+    block = type(model.layers[0])
+    if getattr(block, "_coconut_ckpt", False):
+        return
+    fn = block.__call__
+
+    def checkpointed(self, x, mask, positions, cache, layer):
+        def inner(params, x):
+            self.update(params)
+            return fn(self, x, mask, positions, cache, layer)
+        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+    block.__call__ = checkpointed
+    block._coconut_ckpt = True
+
+
+# ---------------------------------------------------------------- the step
+
+
+class Stepper:
+    """Loss + gradients for one micro-batch. The no-latent path (stage 0, CoT) is mx.compile'd; the
+    latent columns of a COCONUT batch are baked into the graph as Python slices, so those batches run
+    eagerly (a compile cache keyed by shape alone would silently reuse the wrong columns)."""
+
+    def __init__(self, model, feedback: bool, use_compile: bool):
+        self.model, self.feedback = model, feedback
+        self.value_and_grad = nn.value_and_grad(model, loss_fn)
+        self.compiled = None
+        if use_compile:
+            state = [model.state, mx.random.state]
+
+            @partial(mx.compile, inputs=state, outputs=state)  # value_and_grad re-binds the params
+            def plain(x, y):
+                empty = np.zeros((1, 1), dtype=bool)
+                (loss, ntoks), grads = self.value_and_grad(model, x, y, empty, None, True)
+                return loss, ntoks, grads
+
+            self.compiled = plain
+
+    def __call__(self, batch):
+        x, y = mx.array(batch["input_ids"]), mx.array(batch["labels"])
+        latent = batch["latent_mask"]
+        has_latent = self.feedback and latent.any()
+        lp = batch["left_pad"]
+        if not has_latent and not lp.any() and self.compiled is not None:
+            return self.compiled(x, y)
+        left_pad = mx.array(lp) if lp.any() else None
+        (loss, ntoks), grads = self.value_and_grad(self.model, x, y, latent, left_pad, self.feedback)
+        return loss, ntoks, grads
+
+
+def batch_loss(model, batch, feedback) -> tuple:
+    lp = batch["left_pad"]
+    loss, ntoks = loss_fn(model, mx.array(batch["input_ids"]), mx.array(batch["labels"]),
+                          batch["latent_mask"], mx.array(lp) if lp.any() else None, feedback)
+    return loss, ntoks
+
+
+def validation_loss(model, batches, special, cfg) -> float:
+    total, n = 0.0, 0
+    for ex in batches:
+        b = make_batch(ex, special.eos, special.latent, cfg.bucket)
+        loss, ntoks = batch_loss(model, b, cfg.mode != "pause")
+        mx.eval(loss, ntoks)
+        total += loss.item() * ntoks.item()
+        n += ntoks.item()
+    return total / max(n, 1)
+
+
+# ---------------------------------------------------------------- progress
+
+
+class Progress:
+    def __init__(self, total: int, desc: str, stream=sys.stderr):
+        self.total, self.desc, self.stream = total, desc, stream
+        self.start, self.tty = time.perf_counter(), stream.isatty()
+        self.last = 0.0
+
+    def update(self, done: int, loss: float, tps: float, peak_gb: float, force=False):
+        now = time.perf_counter()
+        if not force and not self.tty and now - self.last < 10:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / max(done, 1) * (self.total - done)
+        width = 24
+        fill = int(width * done / max(self.total, 1))
+        line = (f"{self.desc} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
+                f"loss {loss:.4f} | {tps:,.0f} tok/s | ETA {_hms(eta)} | peak {peak_gb:.2f} GB")
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _hms(s):
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------- one stage
+
+
+class _Interrupt:
+    """Ctrl-C sets a flag checked between optimizer steps (a second Ctrl-C aborts immediately)."""
+
+    def __init__(self):
+        self.hit = False
+
+    def __enter__(self):
+        self.prev = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self.prev = None
+        return self
+
+    def _handle(self, *_):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGINT, self.prev)
+
+
+def train_stage(config: TrainConfig, log=print) -> dict:
+    out = Path(config.out) if config.out else None
+    resume_state = None
+    if config.resume:
+        if out is None or not ckpt.is_run_dir(out):
+            raise UserError(f"--resume: {out} is not a run directory with a checkpoint")
+        saved = ckpt.read_run(out)
+        cfg = config_from_dict(saved["config"], f"{out}/{ckpt.RUN_FILE}")
+        if config.epochs is not None:
+            cfg.epochs = config.epochs  # the one thing worth changing on resume
+        cfg.stop_after_steps, cfg.resume = config.stop_after_steps, True
+        init_run = ckpt.read_run(cfg.init) if cfg.init else None
+        opt_state, resume_state = ckpt.load_optimizer_state(out)
+        if resume_state.get("complete") and resume_state["epoch"] >= cfg.epochs:
+            log(f"{out}: already complete ({resume_state['step']} steps)")
+            return {"out": str(out), "steps": resume_state["step"], "complete": True}
+    else:
+        cfg, init_run = resolve(config)
+        out = Path(cfg.out)
+        if ckpt.is_run_dir(out):
+            raise UserError(f"--out {out} already holds a run: pass --resume to continue it, or choose "
+                            f"another --out")
+    check_writable(out)
+    mx.random.seed(cfg.seed)
+    records, valid = load_data(cfg, log)
+
+    if resume_state:
+        loaded = ckpt.load(out, dtype=DTYPES[cfg.dtype])
+        model, tokenizer = loaded.model, loaded.tokenizer
+        lid = loaded.settings.latent_ids
+        special = SpecialIds(lid["start"], lid["latent"], lid["end"], int(tokenizer.eos_token_id))
+        record = {k: loaded.run.get(k) for k in ("weights", "lora", "base_model", "source")}
+    else:
+        model, tokenizer, special, record = setup_model(cfg, init_run, log)
+    if cfg.grad_checkpoint:
+        enable_grad_checkpoint(model)
+    model.train()
+
+    fcfg = format_config(cfg)
+    feedback = cfg.mode != "pause"
+    settings = ckpt.Settings(mode=cfg.mode, stage=cfg.stage, c_thought=cfg.c_thought,
+                             max_latent_stage=cfg.max_latent_stage,
+                             pad_latent_to_max=cfg.pad_latent_to_max,
+                             latent_ids={"start": special.start_latent, "latent": special.latent,
+                                         "end": special.end_latent})
+    run_record = {**record, "settings": ckpt.settings_dict(settings), "config": asdict(cfg),
+                  "eos_id": special.eos, "init": str(Path(cfg.init).resolve()) if cfg.init else None}
+    run_record["config"]["resume"] = False
+    run_record["config"]["stop_after_steps"] = None
+
+    # AdamW as official (lr 1e-4, wd 0.01); a fresh optimizer for every stage (--init)
+    optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    step, start_epoch, start_batch = 0, 0, 0
+    if resume_state:
+        set_optimizer_state(optimizer, opt_state)
+        step, start_epoch, start_batch = (resume_state["step"], resume_state["epoch"],
+                                          resume_state["batch"])
+        log(f"resuming {out} at step {step} (epoch {start_epoch + 1}, batch {start_batch})")
+
+    n_params = sum(v.size for _, v in _flat(model.trainable_parameters()))
+    log(f"training stage {cfg.stage} ({cfg.mode}, c={cfg.c_thought}) on {len(records)} records, "
+        f"{record['weights']}{' (QLoRA)' if record.get('lora') and record['lora'].get('quantization') else ''} "
+        f"fine-tune, {n_params / 1e6:.2f}M trainable parameters, {cfg.dtype} -> {out}")
+
+    stepper = Stepper(model, feedback, cfg.compile)
+    metrics_file = out / "metrics.jsonl"
+    accum = cfg.grad_accumulation_steps
+    last_saved = None
+    vfcfg = format_config(cfg, uniform=False)
+    n_batches = math.ceil(len(records) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_batches / accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    losses, summary_last = [], None
+
+    def save(epoch, batch, complete=False):
+        nonlocal last_saved
+        state = {"step": step, "epoch": epoch, "batch": batch, "stage": cfg.stage, "seed": cfg.seed,
+                 "complete": complete}
+        last_saved = ckpt.save_checkpoint(out, run_record, model, tokenizer, optimizer, state)
+        return last_saved
+
+    with _Interrupt() as interrupt:
+        for epoch in range(start_epoch, cfg.epochs):
+            batches = epoch_batches(records, tokenizer, fcfg, special, cfg, epoch)
+            first = start_batch if epoch == start_epoch else 0
+            bar = Progress(total_steps, f"stage {cfg.stage} epoch {epoch + 1}/{cfg.epochs}")
+            grads, acc_loss, acc_n, acc_toks, t0 = None, 0.0, 0, 0, time.perf_counter()
+            group_start = first
+            mx.reset_peak_memory()
+            for bi in range(first, len(batches)):
+                batch = make_batch(batches[bi], special.eos, special.latent, cfg.bucket)
+                # RNG (LoRA dropout) keyed by position in the run, so a resumed run draws the same
+                mx.random.seed(cfg.seed * 1_000_003 + epoch * 100_003 + bi)
+                loss, ntoks, g = stepper(batch)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                mx.eval(loss, grads)
+                acc_loss += loss
+                acc_n += 1
+                acc_toks += batch["ntokens"]
+                if acc_n < accum and bi + 1 < len(batches):
+                    continue
+                if accum > 1:
+                    grads = tree_map(lambda v: v / acc_n, grads)
+                optimizer.update(model, grads)
+                mx.eval(model.trainable_parameters(), optimizer.state)
+                step += 1
+                loss_val = (acc_loss / acc_n).item()
+                if not math.isfinite(loss_val):
+                    where = f"; the last good checkpoint is {last_saved}" if last_saved else \
+                        " (no checkpoint was saved yet)"
+                    raise UserError(f"loss is {loss_val} at step {step} (stage {cfg.stage}, epoch "
+                                    f"{epoch + 1}): training diverged, stopped{where}; "
+                                    f"try a lower --learning-rate")
+                dt = time.perf_counter() - t0
+                tps = acc_toks / max(dt, 1e-9)
+                peak = mx.get_peak_memory() / 1e9
+                losses.append(loss_val)
+                ckpt.append_jsonl(metrics_file, {
+                    "step": step, "stage": cfg.stage, "epoch": epoch + 1, "loss": round(loss_val, 6),
+                    "lr": float(optimizer.learning_rate.item()), "tokens": acc_toks,
+                    "tokens_per_sec": round(tps, 1), "peak_memory_gb": round(peak, 3),
+                    "time": round(time.time(), 3)})
+                bar.update(step, loss_val, tps, peak)
+                grads, acc_loss, acc_n, acc_toks, t0 = None, 0.0, 0, 0, time.perf_counter()
+                group_start = bi + 1
+                stop = interrupt.hit or (cfg.stop_after_steps is not None and step >= cfg.stop_after_steps)
+                if stop:
+                    bar.close()
+                    path = save(epoch, group_start)
+                    log(f"interrupted: saved {path} (step {step}); continue with "
+                        f"`mlx-coconut train --resume --out {out}`")
+                    return {"out": str(out), "steps": step, "losses": losses, "interrupted": True}
+                if cfg.save_every and step % cfg.save_every == 0 and group_start < len(batches):
+                    save(epoch, group_start)
+            bar.update(step, losses[-1] if losses else float("nan"), 0.0,
+                       mx.get_peak_memory() / 1e9, force=True)
+            bar.close()
+            save(epoch + 1, 0, complete=epoch + 1 >= cfg.epochs)
+            summary = end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, step,
+                                   out, log)
+            model.train()
+            summary_last = summary
+    result = {"out": str(out), "steps": step, "losses": losses, "interrupted": False}
+    if cfg.epochs > start_epoch:
+        result["eval"] = summary_last
+    return result
+
+
+def set_optimizer_state(optimizer, saved: dict):
+    """Copy saved leaves into the freshly initialised state (keeps its exact tree structure)."""
+    from mlx.utils import tree_flatten
+    flat = dict(tree_flatten(saved))
+
+    def fill(node, prefix):
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in list(items):
+            key = f"{prefix}{k}"
+            if isinstance(v, (dict, list)):
+                fill(v, key + ".")
+            elif key in flat:
+                node[k] = flat[key]
+
+    state = optimizer.state
+    fill(state, "")
+    optimizer.state = state
+    optimizer._initialized = True
+
+
+def _flat(tree):
+    from mlx.utils import tree_flatten
+    return tree_flatten(tree)
+
+
+def end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, step, out, log) -> dict:
+    """Validation loss + greedy generation accuracy on the validation records, 5 sample predictions,
+    appended to eval.json."""
+    model.eval()
+    entry = {"epoch": epoch + 1, "step": step, "stage": cfg.stage}
+    if valid:
+        vex = [format_record(r, tokenizer, vfcfg, special) for r in valid]
+        vex = [e for e in vex if len(e.input_ids) <= cfg.max_seq_length]
+        vb = [vex[i:i + cfg.batch_size] for i in range(0, len(vex), cfg.batch_size)]
+        entry["valid_loss"] = validation_loss(model, vb, special, cfg)
+        res = evaluate(model, tokenizer, settings, valid, batch_size=max(cfg.batch_size, 8),
+                       max_tokens=cfg.max_new_tokens)
+        entry.update(res.summary())
+        entry["samples"] = res.examples[:5]
+        log(f"epoch {epoch + 1}: valid loss {entry['valid_loss']:.4f} | accuracy {res.accuracy:.3f} "
+            f"({sum(e['correct'] for e in res.examples)}/{res.n}) | {res.mean_generated_tokens:.1f} "
+            f"generated tokens/question | {res.seconds:.1f}s")
+        for e in res.examples[:5]:
+            mark = "ok " if e["correct"] else "bad"
+            q = e["question"] if len(e["question"]) < 70 else e["question"][:67] + "..."
+            log(f"  [{mark}] {q} | answer {e['answer']} | predicted {e['prediction']!r} | "
+                f"{e['generated'][:80]!r}")
+    evals_file = out / "eval.json"
+    evals = json.loads(evals_file.read_text()) if evals_file.exists() else []
+    evals = [e for e in evals if e.get("epoch") != epoch + 1] + [entry]
+    ckpt.write_json_atomic(evals_file, evals)
+    return entry

@@ -1,0 +1,350 @@
+"""Training (issue 5): stage 0 / stage k, LoRA / QLoRA, resume, atomic saves, bad input.
+
+A tiny random Llama with a character-level tokenizer (every character one token, `<<`/`>>` single
+tokens) memorises 16 synthetic records in seconds on a CPU; one end-to-end test runs the real
+SmolLM2-135M (marked slow)."""
+
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+
+from mlx_coconut import checkpoint as ckpt
+from mlx_coconut import train
+from mlx_coconut.cli import main
+from mlx_coconut.data import load_records, save_records, synth_records
+from mlx_coconut.errors import UserError
+from mlx_coconut.evaluate import evaluate
+
+HIDDEN, LAYERS = 128, 2
+
+
+def make_tokenizer(path: Path) -> int:
+    """Byte-level BPE without merges except `<<` and `>>` (the latent tokens copy `<<`'s rows)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0}
+    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[c] = len(vocab)
+    vocab["<<"], vocab[">>"] = len(vocab), len(vocab) + 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("<", "<"), (">", ">")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(path))
+    return len(vocab)
+
+
+def make_tiny_model(path: Path, hidden=HIDDEN, layers=LAYERS, tie=False, seed=0) -> Path:
+    from mlx_coconut.model import Model, ModelArgs
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+              "intermediate_size": 2 * hidden, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": make_tokenizer(path), "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": tie, "max_position_embeddings": 2048}
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_model(root / "model")
+    data = root / "train.json"
+    save_records(synth_records(16, seed=0, min_steps=1, max_steps=2), data)
+    return {"root": root, "model": model, "data": data}
+
+
+def cfg(tiny, out, **kw) -> train.TrainConfig:
+    base = dict(model=str(tiny["model"]), out=str(out), train=str(tiny["data"]), eval_samples=0,
+                batch_size=8, learning_rate=2e-3, save_every=0, seed=0)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def quiet(*_):
+    pass
+
+
+def accuracy(run_dir, records) -> tuple:
+    loaded = ckpt.load(run_dir)
+    res = evaluate(loaded.model, loaded.tokenizer, loaded.settings, records, batch_size=16,
+                   max_tokens=40)
+    return res, loaded
+
+
+@pytest.fixture(scope="module")
+def stage0(tiny):
+    out = tiny["root"] / "stage0"
+    result = train.run(cfg(tiny, out, epochs=40), log=quiet)
+    return out, result
+
+
+# ---------------------------------------------------------------- 1. stage 0 learns
+
+
+def test_stage0_loss_falls_and_memorises(stage0, tiny):
+    out, result = stage0
+    losses = result["losses"]
+    assert losses[0] > 3.0
+    assert np.mean(losses[-4:]) <= 0.5 * losses[0]
+    res, loaded = accuracy(out, load_records(tiny["data"]))
+    assert loaded.settings.mode == "cot" and loaded.settings.stage == 0
+    assert all(e["n_latents"] == 0 for e in res.examples)
+    assert res.accuracy >= 0.9, [(e["answer"], e["prediction"]) for e in res.examples]
+    # the run directory: metrics, resolved config, checkpoint state
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == result["steps"] and {"loss", "tokens_per_sec", "peak_memory_gb", "lr"} <= set(lines[0])
+    run = ckpt.read_run(out)
+    assert run["weights"] == "full" and run["settings"]["latent_ids"]["latent"] == loaded.settings.latent_ids["latent"]
+    assert loaded.state["complete"] and loaded.state["step"] == result["steps"]
+
+
+# ---------------------------------------------------------------- 2. stage 1 from stage 0
+
+
+def test_stage1_from_stage0_resets_optimizer_and_uses_latents(stage0, tiny):
+    prev, _ = stage0
+    out = tiny["root"] / "stage1"
+    result = train.run(train.TrainConfig(init=str(prev), out=str(out), stage=1, c_thought=1,
+                                         epochs=15), log=quiet)
+    run = ckpt.read_run(out)
+    assert run["config"]["train"] == str(tiny["data"])          # data inherited from --init
+    assert run["config"]["learning_rate"] == 2e-3
+    opt, state = ckpt.load_optimizer_state(out)
+    # a carried-over optimizer would count stage 0's steps too
+    assert int(opt["step"].item()) == result["steps"] == state["step"]
+    res, loaded = accuracy(out, load_records(tiny["data"]))
+    assert loaded.settings.mode == "coconut" and loaded.settings.stage == 1
+    assert all(e["n_latents"] == 1 for e in res.examples)       # prompts carry one thought
+    assert res.accuracy >= 0.8, [(e["answer"], e["prediction"]) for e in res.examples]
+
+
+# ---------------------------------------------------------------- 3. LoRA / QLoRA
+
+
+def test_lora_freezes_base_and_trains_adapters_and_new_rows(tiny):
+    out = tiny["root"] / "lora"
+    result = train.run(cfg(tiny, out, stage=1, epochs=2, lora=True, lora_rank=4,
+                           learning_rate=1e-3), log=quiet)
+    assert result["steps"] == 4
+    loaded = ckpt.load(out)
+    run = ckpt.read_run(out)
+    assert run["weights"] == "lora" and Path(run["base_model"]) == tiny["model"].resolve()
+    ckpt_dir = ckpt.checkpoint_dir(out)
+    assert not (ckpt_dir / "model.safetensors").exists()
+    base = mx.load(str(tiny["model"] / "model.safetensors"))
+    params = dict(tree_flatten(loaded.model.parameters()))
+    # frozen base: bitwise identical
+    q = "model.layers.0.self_attn.q_proj"
+    assert mx.array_equal(params[f"{q}.linear.weight"], base[f"{q}.weight"]).item()
+    V = base["model.embed_tokens.weight"].shape[0]
+    assert mx.array_equal(params["model.embed_tokens.base.weight"][:V], base["model.embed_tokens.weight"]).item()
+    assert mx.array_equal(params["lm_head.base.weight"][:V], base["lm_head.weight"]).item()
+    # adapters moved (lora_b starts at zero) and the new-token rows moved away from `<<`'s row
+    assert mx.abs(params[f"{q}.lora_b"]).max().item() > 0
+    lt = loaded.tokenizer.get_vocab()["<<"]
+    ids = loaded.settings.latent_ids
+    emb, head = params["model.embed_tokens.extra"], params["lm_head.extra"]
+    assert not mx.allclose(emb[0], base["model.embed_tokens.weight"][lt]).item()   # start marker
+    assert not mx.allclose(head[1], base["lm_head.weight"][lt]).item()             # latent logit row
+    # only adapters + 3 rows are saved
+    saved = mx.load(str(ckpt_dir / "adapters.safetensors"))
+    assert all("lora_" in k or k.endswith(".extra") for k in saved)
+    assert saved["model.embed_tokens.extra"].shape[0] == 3 and ids["latent"] >= V
+
+
+def test_qlora_on_4bit_base_trains(tiny):
+    out = tiny["root"] / "qlora"
+    result = train.run(cfg(tiny, out, epochs=6, lora=True, q_bits=4, lora_rank=8,
+                           learning_rate=3e-3), log=quiet)
+    losses = result["losses"]
+    assert np.mean(losses[-2:]) < 0.8 * losses[0]
+    loaded = ckpt.load(out)
+    assert ckpt.is_quantized(loaded.model)
+    assert ckpt.read_run(out)["lora"]["quantization"] == {"bits": 4, "group_size": 64}
+
+
+# ---------------------------------------------------------------- 4. resume
+
+
+def test_resume_reproduces_uninterrupted_losses(tiny):
+    common = dict(epochs=2, batch_size=4, learning_rate=2e-3, uniform_prob=0.0)
+    full = train.run(cfg(tiny, tiny["root"] / "full", **common), log=quiet)
+    part = train.run(cfg(tiny, tiny["root"] / "part", stop_after_steps=3, **common), log=quiet)
+    assert part["interrupted"] and part["steps"] == 3
+    state = ckpt.read_run(tiny["root"] / "part")
+    assert state["checkpoint"] == "ckpt-0000003"
+    rest = train.run(train.TrainConfig(out=str(tiny["root"] / "part"), resume=True), log=quiet)
+    assert rest["steps"] == full["steps"] == 8
+    np.testing.assert_allclose(part["losses"] + rest["losses"], full["losses"], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- 5. crash while saving
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tiny, monkeypatch):
+    out = tiny["root"] / "crash"
+    calls = {"n": 0}
+    real = ckpt._write_optimizer
+
+    def flaky(file, flat):
+        calls["n"] += 1
+        if calls["n"] == 2:  # second checkpoint dies half-way (weights written, optimizer not)
+            Path(file).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(file, flat)
+
+    monkeypatch.setattr(ckpt, "_write_optimizer", flaky)
+    with pytest.raises(OSError):
+        train.run(cfg(tiny, out, epochs=1, batch_size=4, save_every=2), log=quiet)
+    run = ckpt.read_run(out)
+    assert run["checkpoint"] == "ckpt-0000002"
+    loaded = ckpt.load(out)                      # previous checkpoint still loads
+    assert loaded.state["step"] == 2
+    assert not list(out.glob(".ckpt-*"))         # the half-written temp dir is gone
+    monkeypatch.setattr(ckpt, "_write_optimizer", real)
+    rest = train.run(train.TrainConfig(out=str(out), resume=True), log=quiet)
+    assert rest["steps"] == 4
+
+
+# ---------------------------------------------------------------- 6. bad input → one line, exit 2
+
+
+def _cli(args):
+    result = CliRunner().invoke(main, ["train", *args])
+    return result
+
+
+@pytest.mark.parametrize("case", ["init-missing", "init-not-run", "c-zero", "bad-data", "bad-out",
+                                  "bad-yaml"])
+def test_bad_input_one_line_exit_2(tiny, tmp_path, case):
+    m = str(tiny["model"])
+    if case == "init-missing":
+        args = ["--init", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+        expect = "no such directory"
+    elif case == "init-not-run":
+        args = ["--init", m, "--stage", "1", "--out", str(tmp_path / "o")]
+        expect = "not a run directory"
+    elif case == "c-zero":
+        args = ["--model", m, "--stage", "1", "--c-thought", "0", "--out", str(tmp_path / "o")]
+        expect = "--c-thought 0"
+    elif case == "bad-data":
+        bad = tmp_path / "bad.json"
+        bad.write_text('[\n{"question": "q", "steps": [], "answer": "1"},\n{"question": oops}\n]\n')
+        args = ["--model", m, "--train", str(bad), "--out", str(tmp_path / "o")]
+        expect = "bad.json:3"
+    elif case == "bad-out":
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        args = ["--model", m, "--train", str(tiny["data"]), "--out", str(blocker / "run")]
+        expect = "not writable"
+    else:
+        y = tmp_path / "c.yaml"
+        y.write_text("epochs: 1\nlearnign_rate: 0.1\n")
+        args = ["-c", str(y), "--model", m, "--out", str(tmp_path / "o")]
+        expect = "learnign_rate"
+    r = _cli(args)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_cli_yaml_config_runs(tiny, tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"model: {tiny['model']}\ntrain: {tiny['data']}\nepochs: 1\nbatch-size: 8\n"
+                 f"eval_samples: 2\nmax_new_tokens: 4\nlearning_rate: 1.0e-3\n")
+    r = _cli(["-c", str(y), "--out", str(tmp_path / "run"), "--samples", "8"])
+    assert r.exit_code == 0, r.output
+    run = ckpt.read_run(tmp_path / "run")
+    assert run["config"]["epochs"] == 1 and run["config"]["samples"] == 8
+    assert run["config"]["learning_rate"] == 1e-3
+    evals = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert evals[0]["n"] == 2 and "valid_loss" in evals[0] and len(evals[0]["samples"]) == 2
+    # an existing run is not silently overwritten
+    r = _cli(["-c", str(y), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "--resume" in r.stderr
+
+
+# ---------------------------------------------------------------- the step itself
+
+
+def test_compiled_step_equals_eager_and_latent_batches_run_eagerly(tiny):
+    loaded = ckpt.load(tiny["model"])
+    from mlx_coconut.data import FormatConfig, SpecialIds, format_record
+    from mlx_coconut.tokens import add_latent_tokens
+
+    ids = add_latent_tokens(loaded.model, loaded.tokenizer)
+    special = SpecialIds(ids.start, ids.latent, ids.end, 0)
+    recs = load_records(tiny["data"])[:4]
+    for fc in (FormatConfig("cot"), FormatConfig("coconut", stage=1)):
+        ex = [format_record(r, loaded.tokenizer, fc, special) for r in recs]
+        batch = train.make_batch(ex, 0, special.latent, 32)
+        assert batch["input_ids"].shape[1] % 32 == 0
+        eager = train.Stepper(loaded.model, True, use_compile=False)(batch)
+        compiled = train.Stepper(loaded.model, True, use_compile=True)(batch)
+        assert abs(eager[0].item() - compiled[0].item()) < 1e-5
+        ge, gc = dict(tree_flatten(eager[2])), dict(tree_flatten(compiled[2]))
+        assert all(mx.allclose(ge[k], gc[k], atol=1e-5).item() for k in ge)
+        # padding up to the bucket does not change the loss
+        unpadded = train.batch_loss(loaded.model, {**train.make_batch(ex, 0, special.latent, 1)}, True)
+        assert abs(unpadded[0].item() - eager[0].item()) < 1e-5
+
+
+def test_nan_loss_stops_with_clear_message(tiny, monkeypatch):
+    real = train.loss_fn
+
+    def nan_loss(*a, **k):
+        loss, n = real(*a, **k)
+        return loss * mx.array(float("nan")), n
+
+    monkeypatch.setattr(train, "loss_fn", nan_loss)
+    with pytest.raises(UserError, match="diverged"):
+        train.run(cfg(tiny, tiny["root"] / "nan", epochs=1, compile=False), log=quiet)
+    assert not ckpt.is_run_dir(tiny["root"] / "nan")
+
+
+def test_memory_estimate_for_llama_8b():
+    config = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+              "tie_word_embeddings": False}
+    assert abs(train.count_params(config) / 1e9 - 8.03) < 0.01
+    full = train.TrainConfig(dtype="bfloat16", lora=False)
+    params, need = train.memory_estimate(config, full)
+    assert 90e9 < need < 100e9                    # 2 + 2 + 8 bytes per parameter
+    _, qlora = train.memory_estimate(config, train.TrainConfig(dtype="bfloat16", lora=True, q_bits=4))
+    assert qlora < 5e9
+    msgs = []
+    train.warn_memory.__globals__["available_memory"], orig = (lambda: 64 * 2**30), train.available_memory
+    try:
+        tmp = Path(__file__).parent  # any dir without config.json: silently skipped
+        train.warn_memory(tmp, full, msgs.append)
+        assert msgs == []
+    finally:
+        train.warn_memory.__globals__["available_memory"] = orig
+
+
+# ---------------------------------------------------------------- real model end to end
+
+
+@pytest.mark.slow
+def test_smollm2_lora_end_to_end(smollm2_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train.run(train.TrainConfig(model=str(smollm2_dir), out=str(out), synth_samples=4,
+                                         epochs=1, batch_size=2, lora=True, lora_layers=2,
+                                         eval_samples=2, max_new_tokens=8, learning_rate=1e-4),
+                       log=quiet)
+    assert result["steps"] == 2 and all(math.isfinite(l) for l in result["losses"])
+    loaded = ckpt.load(out)
+    assert loaded.settings.latent_ids is not None
+    assert json.loads((out / "eval.json").read_text())[0]["n"] == 2
