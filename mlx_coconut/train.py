@@ -394,21 +394,30 @@ def setup_model(cfg: TrainConfig, init_run: Optional[dict], log):
 
 
 def enable_grad_checkpoint(model):
-    """Recompute each transformer block in the backward pass (trades compute for activation memory).
-    Non-array arguments (mask string, KV cache, layer index) are closed over."""
-    block = type(model.layers[0])
-    if getattr(block, "_coconut_ckpt", False):
+    """Recompute each block's MLP in the backward pass instead of storing its activations (the
+    3 x intermediate-size tensors are most of a block's activation memory). Attention is left alone:
+    it writes the KV cache the latent loop reuses, so recomputing it would replay those writes."""
+    mlp = type(model.layers[0].mlp)
+    if getattr(mlp, "_coconut_ckpt", False):
         return
-    fn = block.__call__
+    fn = mlp.__call__
 
-    def checkpointed(self, x, mask, positions, cache, layer):
+    def checkpointed(self, x):
         def inner(params, x):
             self.update(params)
-            return fn(self, x, mask, positions, cache, layer)
+            return fn(self, x)
         return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
-    block.__call__ = checkpointed
-    block._coconut_ckpt = True
+    mlp._coconut_call = fn
+    mlp.__call__ = checkpointed
+    mlp._coconut_ckpt = True
+
+
+def disable_grad_checkpoint(model):
+    mlp = type(model.layers[0].mlp)
+    if getattr(mlp, "_coconut_ckpt", False):
+        mlp.__call__ = mlp._coconut_call
+        mlp._coconut_ckpt = False
 
 
 # ---------------------------------------------------------------- the step
@@ -597,7 +606,7 @@ def train_stage(config: TrainConfig, log=print) -> dict:
     n_batches = math.ceil(len(records) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_batches / accum)
     total_steps = steps_per_epoch * cfg.epochs
-    losses, summary_last = [], None
+    losses, summary_last, tps = [], None, 0.0
 
     def save(epoch, batch, complete=False):
         nonlocal last_saved
@@ -659,7 +668,7 @@ def train_stage(config: TrainConfig, log=print) -> dict:
                     return {"out": str(out), "steps": step, "losses": losses, "interrupted": True}
                 if cfg.save_every and step % cfg.save_every == 0 and group_start < len(batches):
                     save(epoch, group_start)
-            bar.update(step, losses[-1] if losses else float("nan"), 0.0,
+            bar.update(step, losses[-1] if losses else float("nan"), tps if losses else 0.0,
                        mx.get_peak_memory() / 1e9, force=True)
             bar.close()
             save(epoch + 1, 0, complete=epoch + 1 >= cfg.epochs)
