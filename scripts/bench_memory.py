@@ -43,14 +43,14 @@ LLAMA31_8B = {
 }
 
 
-def build(layers: int, base: str, rank: int, q_bits: int = 4, group_size: int = 64):
+def build(layers: int, base: str, rank: int, shape: dict, q_bits: int = 4, group_size: int = 64):
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
     from mlx_coconut import checkpoint as ckpt
     from mlx_coconut.model import Model, ModelArgs
 
-    args = ModelArgs.from_dict({**LLAMA31_8B, "num_hidden_layers": layers})
+    args = ModelArgs.from_dict({**shape, "num_hidden_layers": layers})
     model = Model(args)  # lazy: nothing is allocated yet
     # Values do not matter for memory; a cheap deterministic pattern instead of the (slow on CPU)
     # random initialisation, created directly in bf16. Norm weights stay ones.
@@ -62,7 +62,8 @@ def build(layers: int, base: str, rank: int, q_bits: int = 4, group_size: int = 
         ckpt.quantize_base(model, q_bits, group_size)
     for _, v in tree_flatten(model.parameters()):  # one array at a time: no fp32 model copy
         mx.eval(v)
-    new_ids = (128256, 128257, 128258)
+    V = args.vocab_size
+    new_ids = (V - 3, V - 2, V - 1)  # the 3 COCONUT tokens are the last rows
     lora = {"rank": rank, "scale": 20.0, "dropout": 0.0, "layers": 0,
             "quantization": {"bits": q_bits, "group_size": group_size} if base == "qlora" else None}
     ckpt.apply_lora(model, lora, new_ids)
@@ -75,7 +76,7 @@ def stage1_batch(batch: int, seq: int, new_ids, seed: int = 0):
     import numpy as np
     rng = np.random.default_rng(seed)
     q = max(1, seq // 4)
-    ids = rng.integers(0, 128000, size=(batch, seq)).astype(np.int32)
+    ids = rng.integers(0, new_ids[0], size=(batch, seq)).astype(np.int32)
     ids[:, q:q + 3] = new_ids
     labels = ids.copy()
     labels[:, :q + 3] = -100
@@ -131,7 +132,7 @@ def worker(a):
     from mlx_coconut.train import Stepper, enable_grad_checkpoint
 
     t0 = time.perf_counter()
-    model, new_ids = build(a.layers, a.base, a.rank)
+    model, new_ids = build(a.layers, a.base, a.rank, {**LLAMA31_8B, **json.loads(a.shape)})
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     ckpt_impl = a.checkpoint
@@ -163,7 +164,7 @@ def worker(a):
 def run_worker(layers, base, batch, seq, a, weights_only=False):
     cmd = [sys.executable, __file__, "--worker", "--layers", str(layers), "--base", base,
            "--batch", str(batch), "--seq", str(seq), "--rank", str(a.rank)]
-    cmd += ["--checkpoint", a.checkpoint]
+    cmd += ["--checkpoint", a.checkpoint, "--shape", a.shape]
     if weights_only:
         cmd.append("--weights-only")
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -198,6 +199,8 @@ def main(argv=None):
                    help="QLoRA: build the 4-bit model (weights measured) but take activations and "
                    "temporaries from the bf16 step instead of running the 4-bit step (CPU: 4-bit "
                    "matmuls run at ~0.3 GFLOP/s); needs bf16 in --base")
+    p.add_argument("--shape", default="{}", help="JSON overriding config keys of the Llama-3.1-8B "
+                   "shape (tests use a tiny one)")
     p.add_argument("--worker", action="store_true", help=argparse_hidden())
     p.add_argument("--weights-only", action="store_true", help=argparse_hidden())
     a = p.parse_args(argv)
@@ -206,6 +209,8 @@ def main(argv=None):
         return worker(a)
 
     bc.header("bench_memory: Llama-3.1-8B shape, one stage-1 LoRA step, peak memory")
+    if json.loads(a.shape):
+        print(f"shape overridden: {a.shape}")
     depths = [int(x) for x in a.layers.split(",")]
     tokens = [int(x) for x in a.measure_tokens.split(",")] if a.measure_tokens else None
     target_tokens = a.batch * a.seq

@@ -1,0 +1,72 @@
+"""Smoke test: every scripts/bench_*.py runs end to end on a tiny random model (not a timing test)."""
+
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+TINY = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=49152,
+            rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+            max_position_embeddings=2048)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A 2-layer, 32-wide random Llama with SmolLM2's tokenizer."""
+    from mlx_coconut.model import Model, ModelArgs
+
+    out = tmp_path_factory.mktemp("tiny_bench_model")
+    mx.random.seed(0)
+    model = Model(ModelArgs.from_dict(TINY))
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (out / "config.json").write_text(json.dumps(TINY))
+    for f in smollm2_dir.iterdir():
+        if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def run(name, *argv):
+    mod = importlib.import_module(name)
+    return mod.main([str(a) for a in argv])
+
+
+def test_bench_generate(tiny_dir, capsys):
+    r = run("bench_generate", "--model", tiny_dir, "--repeats", 1, "--max-tokens", 3,
+            "--bandwidth-mb", 8, "--prompt", "Hello there")
+    assert r["ratio"] > 0 and r["efficiency"] > 0
+    assert "RATIO ours/mlx-lm" in capsys.readouterr().out
+
+
+def test_bench_eval(tiny_dir, shared_data):
+    r = run("bench_eval", "--model", tiny_dir, "--n", 2, "--single-n", 1, "--batch-size", 2,
+            "--max-tokens", 2, "--stage", 1, "--c-thought", 1)
+    assert r["ratio"] > 0
+
+
+def test_bench_latent(tiny_dir, shared_data):
+    r = run("bench_latent", "--model", tiny_dir, "--repeats", 1, "--batch-size", 2)
+    assert r["ratio"] > 0 and r["thought_token"] > 0
+
+
+def test_bench_train(tiny_dir, shared_data):
+    r = run("bench_train", "--model", tiny_dir, "--repeats", 1, "--batch-size", 2, "--steps", 1)
+    assert r["ratio"] > 0
+
+
+def test_bench_memory(capsys):
+    shape = json.dumps(dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, vocab_size=259))
+    r = run("bench_memory", "--layers", 1, "--batch", 1, "--seq", 8, "--base", "bf16,qlora",
+            "--shape", shape)
+    assert r["bf16"] > 0 and r["qlora"] > 0
+    assert "RESULT QLoRA" in capsys.readouterr().out
