@@ -356,9 +356,13 @@ def setup_model(cfg: TrainConfig, init_run: Optional[dict], log):
     source = Path(cfg.init or cfg.model)
     if init_run and init_run.get("weights") == "lora" and not cfg.lora:
         raise UserError(f"--init {source} is a LoRA run: continue it with --lora")
-    base_dir = Path(init_run["base_model"]) if init_run and init_run.get("weights") == "lora" else source
-    warn_memory(ckpt.checkpoint_dir(source) if init_run and init_run.get("weights") == "full" else base_dir,
-                cfg, log)
+    if init_run and init_run.get("weights") == "lora":
+        base_dir = Path(init_run["base_model"])
+    elif ckpt.is_run_dir(source):  # LoRA on top of a full-weight run: its checkpoint is the base
+        base_dir = ckpt.checkpoint_dir(source)
+    else:
+        base_dir = source
+    warn_memory(base_dir, cfg, log)
     loaded = ckpt.load(source, dtype=dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     lora_cfg = None

@@ -166,6 +166,36 @@ def test_lora_freezes_base_and_trains_adapters_and_new_rows(tiny):
     assert saved["model.embed_tokens.extra"].shape[0] == 3 and ids["latent"] >= V
 
 
+def test_lora_stage1_from_lora_run_and_lora_on_full_run(tiny, stage0):
+    lora0 = tiny["root"] / "lora"  # written by the test above
+    if not ckpt.is_run_dir(lora0):
+        train.run(cfg(tiny, lora0, stage=1, epochs=1, lora=True, lora_rank=4), log=quiet)
+    out = tiny["root"] / "lora-stage2"
+    train.run(train.TrainConfig(init=str(lora0), out=str(out), stage=2, epochs=1, lora=True), log=quiet)
+    run = ckpt.read_run(out)
+    assert run["weights"] == "lora" and run["base_model"] == ckpt.read_run(lora0)["base_model"]
+    assert ckpt.load(out).settings.stage == 2
+    # LoRA on top of a full-weight run: the base is that run's checkpoint directory
+    out = tiny["root"] / "lora-on-full"
+    train.run(train.TrainConfig(init=str(stage0[0]), out=str(out), stage=1, epochs=1, lora=True),
+              log=quiet)
+    assert Path(ckpt.read_run(out)["base_model"]).parent == stage0[0].resolve()
+    assert ckpt.load(out).settings.stage == 1
+
+
+def test_curriculum_runs_consecutive_stages_with_fresh_optimizers(tiny):
+    out = tiny["root"] / "curriculum"
+    result = train.run(cfg(tiny, out, stages="0-2", epochs_per_stage=1), log=quiet)
+    assert sorted(result["stages"]) == [0, 1, 2]
+    for s in (0, 1, 2):
+        run = ckpt.read_run(out / f"stage{s}")
+        assert run["settings"]["stage"] == s
+        assert run["settings"]["mode"] == ("cot" if s == 0 else "coconut")
+        opt, state = ckpt.load_optimizer_state(out / f"stage{s}")
+        assert int(opt["step"].item()) == state["step"] == 2   # reset at each stage
+    assert ckpt.read_run(out / "stage2")["init"] == str((out / "stage1").resolve())
+
+
 def test_qlora_on_4bit_base_trains(tiny):
     out = tiny["root"] / "qlora"
     result = train.run(cfg(tiny, out, epochs=10, lora=True, q_bits=4, lora_rank=8,
