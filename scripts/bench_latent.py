@@ -64,6 +64,9 @@ def main(argv=None):
     p = bc.parser(__doc__.splitlines()[0], repeats=3)
     p.add_argument("--batch-size", type=int, default=8, help="records in the (one) training batch")
     p.add_argument("--skip", type=int, default=0, help="start at this GSM8k record")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="LoRA of this rank on every projection (the product's checkpoint.apply_lora) "
+                   "instead of full-weight gradients")
     args = p.parse_args(argv)
 
     from mlx_coconut.checkpoint import load_tokenizer
@@ -76,8 +79,13 @@ def main(argv=None):
     bc.header("bench_latent: training step of latent stages vs stage 0, per supervised token")
     model, _ = load_model(path)
     tokenizer = load_tokenizer(path)
-    add_latent_tokens(model, tokenizer)
+    new_ids = add_latent_tokens(model, tokenizer).ids
     ids = special_ids(tokenizer)
+    if args.lora:
+        from mlx_coconut.checkpoint import apply_lora
+        apply_lora(model, {"rank": args.lora, "scale": 20.0, "dropout": 0.0, "layers": 0}, new_ids)
+        mx.eval(model.parameters())
+    print(f"gradients: {'LoRA rank %d' % args.lora if args.lora else 'full weights'}")
     records = bc.read_gsm8k(args.skip + args.batch_size)[args.skip:]
 
     batches = {}
