@@ -355,7 +355,7 @@ def test_nan_loss_stops_with_clear_message(tiny, monkeypatch):
     assert not ckpt.is_run_dir(tiny["root"] / "nan")
 
 
-def test_memory_estimate_for_llama_8b():
+def test_memory_estimate_for_llama_8b(tmp_path, monkeypatch):
     config = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
               "tie_word_embeddings": False}
@@ -363,16 +363,18 @@ def test_memory_estimate_for_llama_8b():
     full = train.TrainConfig(dtype="bfloat16", lora=False)
     params, need = train.memory_estimate(config, full)
     assert 90e9 < need < 100e9                    # 2 + 2 + 8 bytes per parameter
-    _, qlora = train.memory_estimate(config, train.TrainConfig(dtype="bfloat16", lora=True, q_bits=4))
-    assert qlora < 5e9
+    lora = train.TrainConfig(dtype="bfloat16", lora=True)
+    qlora = train.TrainConfig(dtype="bfloat16", lora=True, q_bits=4)
+    assert train.memory_estimate(config, qlora)[1] < 5e9
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(train, "available_memory", lambda: 64 * 2**30)
     msgs = []
-    train.warn_memory.__globals__["available_memory"], orig = (lambda: 64 * 2**30), train.available_memory
-    try:
-        tmp = Path(__file__).parent  # any dir without config.json: silently skipped
-        train.warn_memory(tmp, full, msgs.append)
+    train.warn_memory(tmp_path, full, msgs.append)
+    assert len(msgs) == 1 and "8.03B" in msgs[0] and "--lora" in msgs[0] and "-q 4" in msgs[0]
+    for ok in (lora, qlora):                      # 16 GB / 4 GB fit in 64 GB: no warning
+        msgs.clear()
+        train.warn_memory(tmp_path, ok, msgs.append)
         assert msgs == []
-    finally:
-        train.warn_memory.__globals__["available_memory"] = orig
 
 
 # ---------------------------------------------------------------- real model end to end
