@@ -248,9 +248,11 @@ def train(config_file, train_file, **flags):
     values["resume"] = bool(values.get("resume"))
     config = train_lib.config_from_dict(values, f"-c {config_file}" if config_file else "train")
     try:
-        train_lib.run(config)
+        result = train_lib.run(config)
     except KeyboardInterrupt:
         raise UserError("interrupted") from None
+    if result.get("interrupted"):
+        sys.exit(130)  # saved; the conventional exit status of a Ctrl-C'd command
 
 
 # ---------------------------------------------------------------- generate (issue 4/6)

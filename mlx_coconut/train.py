@@ -484,13 +484,13 @@ class Progress:
     def __init__(self, total: int, desc: str, stream=sys.stderr):
         self.total, self.desc, self.stream = total, desc, stream
         self.start, self.tty = time.perf_counter(), stream.isatty()
-        self.last = 0.0
+        self.last, self.printed = 0.0, None
 
     def update(self, done: int, loss: float, tps: float, peak_gb: float, force=False):
         now = time.perf_counter()
-        if not force and not self.tty and now - self.last < 10:
+        if not self.tty and (done == self.printed or (not force and now - self.last < 10)):
             return
-        self.last = now
+        self.last, self.printed = now, done
         elapsed = now - self.start
         eta = elapsed / max(done, 1) * (self.total - done)
         width = 24
@@ -731,8 +731,9 @@ def end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, 
         for e in res.examples[:5]:
             mark = "ok " if e["correct"] else "bad"
             q = e["question"] if len(e["question"]) < 70 else e["question"][:67] + "..."
-            log(f"  [{mark}] {q} | answer {e['answer']} | predicted {e['prediction']!r} | "
-                f"{e['generated'][:80]!r}")
+            pred = e["prediction"] if len(e["prediction"]) <= 20 else e["prediction"][:17] + "..."
+            log(f"  [{mark}] {q} | answer {e['answer']} | predicted {pred!r} | "
+                f"generated {e['generated'][:60]!r}")
     evals_file = out / "eval.json"
     evals = json.loads(evals_file.read_text()) if evals_file.exists() else []
     evals = [e for e in evals if e.get("epoch") != epoch + 1] + [entry]

@@ -251,6 +251,59 @@ def test_crash_while_saving_keeps_previous_checkpoint(tiny, monkeypatch):
     assert rest["steps"] == 4
 
 
+def _start_cli(tiny, out, *extra):
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "mlx_coconut.cli", "train", "--model", str(tiny["model"]),
+           "--train", str(tiny["data"]), "--out", str(out), "--epochs", "1000", "--eval-samples", "0",
+           "--batch-size", "4", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+
+
+def _wait_for_steps(proc, out, n, timeout=120):
+    import time
+    start = time.time()
+    while time.time() - start < timeout:
+        m = out / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.communicate())
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("training did not start")
+
+
+def test_sigkill_during_frequent_saves_leaves_a_loadable_run(tiny):
+    import signal
+    out = tiny["root"] / "killed"
+    proc = _start_cli(tiny, out, "--save-every", "1")
+    _wait_for_steps(proc, out, 6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    loaded = ckpt.load(out)                          # whatever moment the kill hit
+    assert loaded.state["step"] >= 1
+    rest = train.run(train.TrainConfig(out=str(out), resume=True, epochs=loaded.state["epoch"] + 1),
+                     log=quiet)
+    assert rest["steps"] > loaded.state["step"]
+
+
+def test_ctrl_c_saves_and_exits(tiny):
+    import signal
+    out = tiny["root"] / "ctrl-c"
+    proc = _start_cli(tiny, out)
+    _wait_for_steps(proc, out, 3)
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted: saved" in stdout and "--resume" in stdout
+    state = ckpt.load(out).state
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert state["step"] == len(lines) and not state["complete"]
+
+
 # ---------------------------------------------------------------- 6. bad input → one line, exit 2
 
 
