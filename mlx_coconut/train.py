@@ -330,15 +330,20 @@ def epoch_batches(records, tokenizer, fcfg: FormatConfig, ids: SpecialIds, cfg: 
     return [examples[i:i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
 
 
-def make_batch(examples, pad_id: int, latent_id: int, bucket: int) -> dict:
-    """Collate (official left padding), then right-pad T up to a multiple of `bucket` so compiled
-    steps see few distinct shapes."""
+def make_batch(examples, pad_id: int, latent_id: int, bucket: int, latent_align: int = 8) -> dict:
+    """Collate (official left padding: every row's first latent in the same column), shift all rows
+    right so that column is a multiple of `latent_align`, then right-pad T up to a multiple of
+    `bucket`: compiled steps see few distinct (shape, latent columns) keys. Extra left padding is
+    masked and positions are column - left_pad, so the loss is unchanged."""
     b = collate(examples, pad_id)
-    B, T = b["input_ids"].shape
-    Tb = ((T + bucket - 1) // bucket) * bucket
-    if Tb > T:
-        b["input_ids"] = np.pad(b["input_ids"], ((0, 0), (0, Tb - T)), constant_values=pad_id)
-        b["labels"] = np.pad(b["labels"], ((0, 0), (0, Tb - T)), constant_values=-100)
+    ids = b["input_ids"]
+    cols = np.flatnonzero((ids == latent_id).any(axis=0))
+    shift = (-int(cols[0])) % latent_align if len(cols) else 0
+    B, T = ids.shape
+    Tb = ((T + shift + bucket - 1) // bucket) * bucket
+    b["input_ids"] = np.pad(ids, ((0, 0), (shift, Tb - T - shift)), constant_values=pad_id)
+    b["labels"] = np.pad(b["labels"], ((0, 0), (shift, Tb - T - shift)), constant_values=-100)
+    b["left_pad"] = b["left_pad"] + shift
     b["latent_mask"] = b["input_ids"] == latent_id
     b["ntokens"] = int(b["lengths"].sum())
     return b
@@ -428,33 +433,49 @@ def disable_grad_checkpoint(model):
 
 
 class Stepper:
-    """Loss + gradients for one micro-batch. The no-latent path (stage 0, CoT) is mx.compile'd; the
-    latent columns of a COCONUT batch are baked into the graph as Python slices, so those batches run
-    eagerly (a compile cache keyed by shape alone would silently reuse the wrong columns)."""
+    """Loss + gradients for one micro-batch, mx.compile'd per key.
 
-    def __init__(self, model, feedback: bool, use_compile: bool):
-        self.model, self.feedback = model, feedback
+    The latent loop reads the latent columns on the host and bakes them into the graph as Python
+    slices (and which rows hold a thought as constants), so a compiled trace is only valid for one
+    latent layout: the cache key is (shape, latent columns, rows with thoughts). `make_batch` buckets
+    T and the first latent column so the keys repeat; past `max_traces` keys batches run eagerly
+    (mx.compile keeps every trace)."""
+
+    def __init__(self, model, feedback: bool, use_compile: bool, max_traces: int = 64):
+        self.model, self.feedback, self.use_compile = model, feedback, use_compile
         self.value_and_grad = nn.value_and_grad(model, loss_fn)
-        self.compiled = None
-        if use_compile:
-            state = [model.state, mx.random.state]
+        self.traces, self.max_traces = {}, max_traces
+        self.state = [model.state, mx.random.state]
 
-            @partial(mx.compile, inputs=state, outputs=state)  # value_and_grad re-binds the params
-            def plain(x, y):
-                empty = np.zeros((1, 1), dtype=bool)
-                (loss, ntoks), grads = self.value_and_grad(model, x, y, empty, None, True)
-                return loss, ntoks, grads
+    def _compile(self, latent):
+        model, vg, fb = self.model, self.value_and_grad, self.feedback
 
-            self.compiled = plain
+        @partial(mx.compile, inputs=self.state, outputs=self.state)  # value_and_grad re-binds params
+        def step(x, y, left_pad):
+            (loss, ntoks), grads = vg(model, x, y, latent, left_pad, fb)
+            return loss, ntoks, grads
+
+        @partial(mx.compile, inputs=self.state, outputs=self.state)
+        def plain(x, y):  # no left padding: the fused causal mask
+            (loss, ntoks), grads = vg(model, x, y, latent, None, fb)
+            return loss, ntoks, grads
+
+        return step, plain
 
     def __call__(self, batch):
         x, y = mx.array(batch["input_ids"]), mx.array(batch["labels"])
-        latent = batch["latent_mask"]
-        has_latent = self.feedback and latent.any()
-        lp = batch["left_pad"]
-        if not has_latent and not lp.any() and self.compiled is not None:
-            return self.compiled(x, y)
+        latent, lp = batch["latent_mask"], batch["left_pad"]
+        if not self.feedback:
+            latent = np.zeros_like(latent)
+        cols = np.flatnonzero(latent.any(axis=0))
         left_pad = mx.array(lp) if lp.any() else None
+        if self.use_compile:
+            key = (x.shape, tuple(cols.tolist()), latent[:, cols].tobytes())
+            fns = self.traces.get(key)
+            if fns is None and len(self.traces) < self.max_traces:
+                fns = self.traces[key] = self._compile(latent.copy())
+            if fns is not None:
+                return fns[0](x, y, left_pad) if left_pad is not None else fns[1](x, y)
         (loss, ntoks), grads = self.value_and_grad(self.model, x, y, latent, left_pad, self.feedback)
         return loss, ntoks, grads
 

@@ -366,7 +366,9 @@ def test_cli_yaml_config_runs(tiny, tmp_path):
 # ---------------------------------------------------------------- the step itself
 
 
-def test_compiled_step_equals_eager_and_latent_batches_run_eagerly(tiny):
+def test_compiled_step_equals_eager_for_every_latent_layout(tiny):
+    """One compiled Stepper sees stage 0, 1 and 2 batches of the SAME shape: a trace keyed by shape
+    alone would reuse the wrong latent columns and give a different loss."""
     loaded = ckpt.load(tiny["model"])
     from mlx_coconut.data import FormatConfig, SpecialIds, format_record
     from mlx_coconut.tokens import add_latent_tokens
@@ -374,12 +376,19 @@ def test_compiled_step_equals_eager_and_latent_batches_run_eagerly(tiny):
     ids = add_latent_tokens(loaded.model, loaded.tokenizer)
     special = SpecialIds(ids.start, ids.latent, ids.end, 0)
     recs = load_records(tiny["data"])[:4]
-    for fc in (FormatConfig("cot"), FormatConfig("coconut", stage=1)):
+    compiled_stepper = train.Stepper(loaded.model, True, use_compile=True)
+    eager_stepper = train.Stepper(loaded.model, True, use_compile=False)
+    seen = set()
+    for fc in (FormatConfig("cot"), FormatConfig("coconut", stage=1), FormatConfig("coconut", stage=2),
+               FormatConfig("coconut", stage=1, c_thought=2)):
         ex = [format_record(r, loaded.tokenizer, fc, special) for r in recs]
-        batch = train.make_batch(ex, 0, special.latent, 32)
-        assert batch["input_ids"].shape[1] % 32 == 0
-        eager = train.Stepper(loaded.model, True, use_compile=False)(batch)
-        compiled = train.Stepper(loaded.model, True, use_compile=True)(batch)
+        batch = train.make_batch(ex, 0, special.latent, 128)
+        assert batch["input_ids"].shape[1] == 128
+        cols = np.flatnonzero(batch["latent_mask"].any(0))
+        assert len(cols) == 0 or cols[0] % 8 == 0                 # first latent column bucketed
+        seen.add(tuple(cols))
+        eager = eager_stepper(batch)
+        compiled = compiled_stepper(batch)
         train.enable_grad_checkpoint(loaded.model)
         try:
             recomputed = train.Stepper(loaded.model, True, use_compile=False)(batch)
@@ -390,9 +399,12 @@ def test_compiled_step_equals_eager_and_latent_batches_run_eagerly(tiny):
             assert abs(eager[0].item() - other[0].item()) < 1e-5
             go = dict(tree_flatten(other[2]))
             assert all(mx.allclose(ge[k], go[k], atol=1e-5).item() for k in ge)
-        # padding up to the bucket does not change the loss
-        unpadded = train.batch_loss(loaded.model, {**train.make_batch(ex, 0, special.latent, 1)}, True)
+        # extra left/right padding (bucketing) does not change the loss
+        plain = train.make_batch(ex, 0, special.latent, 1, latent_align=1)
+        assert plain["input_ids"].shape[1] < 128
+        unpadded = train.batch_loss(loaded.model, plain, True)
         assert abs(unpadded[0].item() - eager[0].item()) < 1e-5
+    assert len(seen) == 3 and len(compiled_stepper.traces) == 3   # stage 2 and c=2 share a layout
 
 
 def test_nan_loss_stops_with_clear_message(tiny, monkeypatch):
