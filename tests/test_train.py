@@ -208,6 +208,41 @@ def test_qlora_on_4bit_base_trains(tiny):
     assert ckpt.read_run(out)["lora"]["quantization"] == {"bits": 4, "group_size": 64}
 
 
+def test_lora_on_a_quantized_converted_model_uses_it_as_is(tiny):
+    import mlx.nn as nn
+    from mlx_coconut.model import load_model
+
+    qdir = tiny["root"] / "model-q4"
+    qdir.mkdir()
+    model, config = load_model(tiny["model"])
+    nn.quantize(model, group_size=64, bits=4)
+    mx.save_safetensors(str(qdir / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (qdir / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 64, "bits": 4}}))
+    for f in tiny["model"].glob("tokenizer*"):
+        (qdir / f.name).write_bytes(f.read_bytes())
+    out = tiny["root"] / "lora-q4"
+    result = train.run(cfg(tiny, out, model=str(qdir), epochs=1, lora=True), log=quiet)
+    assert all(math.isfinite(l) for l in result["losses"])
+    run = ckpt.read_run(out)
+    assert run["lora"]["quantization"] is None and Path(run["base_model"]) == qdir.resolve()
+    assert ckpt.is_quantized(ckpt.load(out).model)
+    # full fine-tuning of quantized weights is refused in one line
+    r = _cli(["--model", str(qdir), "--train", str(tiny["data"]), "--out", str(tiny["root"] / "q-full")])
+    assert r.exit_code == 2 and "add --lora" in r.stderr
+
+
+def test_grad_accumulation_steps(tiny):
+    out = tiny["root"] / "accum"
+    result = train.run(cfg(tiny, out, epochs=1, batch_size=4, grad_accumulation_steps=2), log=quiet)
+    assert result["steps"] == 2                      # 4 micro-batches -> 2 optimizer steps
+    big = tiny["root"] / "accum-ref"
+    ref = train.run(cfg(tiny, big, epochs=1, batch_size=8), log=quiet)
+    tokens = [[json.loads(l)["tokens"] for l in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (out, big)]
+    assert tokens[0] == tokens[1]                    # same examples per optimizer step
+    np.testing.assert_allclose(result["losses"], ref["losses"], rtol=0.05)
+
+
 # ---------------------------------------------------------------- 4. resume
 
 
