@@ -14,7 +14,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -502,8 +502,8 @@ def validation_loss(model, batches, special, cfg) -> float:
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, stream=sys.stderr):
-        self.total, self.desc, self.stream = total, desc, stream
+    def __init__(self, total: int, desc: str, done: int = 0, stream=sys.stderr):
+        self.total, self.desc, self.stream, self.first = total, desc, stream, done
         self.start, self.tty = time.perf_counter(), stream.isatty()
         self.last, self.printed = 0.0, None
 
@@ -513,7 +513,7 @@ class Progress:
             return
         self.last, self.printed = now, done
         elapsed = now - self.start
-        eta = elapsed / max(done, 1) * (self.total - done)
+        eta = elapsed / max(done - self.first, 1) * (self.total - done)  # this session's pace
         width = 24
         fill = int(width * done / max(self.total, 1))
         line = (f"{self.desc} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
@@ -640,11 +640,12 @@ def train_stage(config: TrainConfig, log=print) -> dict:
         last_saved = ckpt.save_checkpoint(out, run_record, model, tokenizer, optimizer, state)
         return last_saved
 
+    bar = Progress(total_steps, "", done=step)
     with _Interrupt() as interrupt:
         for epoch in range(start_epoch, cfg.epochs):
             batches = epoch_batches(records, tokenizer, fcfg, special, cfg, epoch)
             first = start_batch if epoch == start_epoch else 0
-            bar = Progress(total_steps, f"stage {cfg.stage} epoch {epoch + 1}/{cfg.epochs}")
+            bar.desc = f"stage {cfg.stage} epoch {epoch + 1}/{cfg.epochs}"
             grads, acc_loss, acc_n, acc_toks, t0 = None, 0.0, 0, 0, time.perf_counter()
             group_start = first
             mx.reset_peak_memory()
