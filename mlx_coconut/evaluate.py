@@ -60,14 +60,16 @@ def format_config(settings, stage: Optional[int] = None) -> FormatConfig:
                         pad_latent_to_max=settings.pad_latent_to_max, uniform_prob=0.0)
 
 
-def evaluate(model, tokenizer, settings, records, batch_size: int = 8, max_tokens: int = 64,
-             stage: Optional[int] = None, sampler: Optional[Callable] = None,
+def evaluate(model, tokenizer=None, settings=None, records=None, batch_size: int = 8,
+             max_tokens: int = 64, stage: Optional[int] = None, sampler: Optional[Callable] = None,
              progress: Optional[Callable] = None) -> EvalResults:
     """Greedy batched generation on `records` → per-example predictions and exact-match accuracy.
 
-    `model` may also be a `checkpoint.Loaded` (then tokenizer/settings default to its own).
-    `stage` overrides the trained stage (e.g. evaluate a stage-2 model with stage-1 prompts).
-    `progress(n_done)` is called after each batch."""
+    `evaluate(model, tokenizer, settings, records)` or `evaluate(loaded, records)` with a
+    `checkpoint.Loaded`. `stage` overrides the trained stage (e.g. evaluate a stage-2 model with
+    stage-1 prompts). `progress(n_done)` is called after each batch."""
+    if isinstance(tokenizer, (list, tuple)):  # evaluate(loaded, records, ...)
+        tokenizer, records = None, tokenizer
     if hasattr(model, "settings") and hasattr(model, "model"):  # a checkpoint.Loaded
         tokenizer = tokenizer or model.tokenizer
         settings = settings or model.settings

@@ -129,6 +129,8 @@ def test_stage1_from_stage0_resets_optimizer_and_uses_latents(stage0, tiny):
     res, loaded = accuracy(out, load_records(tiny["data"]))
     assert loaded.settings.mode == "coconut" and loaded.settings.stage == 1
     assert all(e["n_latents"] == 1 for e in res.examples)       # prompts carry one thought
+    again = evaluate(loaded, load_records(tiny["data"])[:4], batch_size=2, max_tokens=40)
+    assert [e["prediction"] for e in again.examples] == [e["prediction"] for e in res.examples[:4]]
     assert res.accuracy >= 0.8, [(e["answer"], e["prediction"]) for e in res.examples]
 
 
