@@ -24,7 +24,7 @@ fi
 if [ "$SMALL" = 1 ]; then
   OUT=${OUT:-runs/gsm8k-small}
   MODEL=${MODEL:-weights/smollm2-135m-instruct-fp32}
-  SAMPLES=${SAMPLES:-160}         # a few hundred records, 1 epoch per stage: ~minutes per stage on 2 cores
+  SAMPLES=${SAMPLES:-200}         # a few hundred records, 1 epoch per stage
   EPOCHS=${EPOCHS:-1}
   TEST=${TEST:-48}
   TRAIN_FLAGS=(--batch-size 8 --learning-rate 1e-4 --max-seq-length 320 --eval-samples 8
