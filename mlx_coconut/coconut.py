@@ -90,7 +90,9 @@ def generate(model: Model, prompts: list, latent_id: int, eos_ids, max_tokens: i
     ids, left_pad = left_pad_prompts(prompts, pad_id)
     latent_mask = ids == latent_id
     B, T = ids.shape
-    cache = model.make_cache(mx.array(left_pad), step=T + max_tokens)
+    # No padded row (bs=1, equal lengths): no mask and scalar positions, like mlx-lm; the per-row
+    # mask + array-offset rope path measured ~10% slower per decode step on CPU (bench_generate).
+    cache = model.make_cache(mx.array(left_pad) if left_pad.any() else None, step=T + max_tokens)
     thoughts = [] if return_thoughts else None
 
     start = time.perf_counter()
