@@ -79,7 +79,7 @@ def rate(stamps):
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def profile_step(model, prompt_ids, repeats=9):
+def profile_step(model, prompt_ids, repeats=15):
     """Median ms of: one full decode step (evaluated), graph building alone (Python), the transformer
     body without the head, the output head alone, one layer's attention and MLP (x n_layers)."""
     cache = model.make_cache(mx.array([0]), step=len(prompt_ids) + 64)
@@ -107,7 +107,12 @@ def profile_step(model, prompt_ids, repeats=9):
         "MLP x L": lambda: mx.eval(layer.mlp(layer.post_attention_layernorm(x))),
     }
     L = len(model.layers)
-    out = {}
+    out, share = {}, {}
+    nb = lambda m: sum(v.nbytes for _, v in tree_flatten(m.parameters()))  # noqa: E731
+    head = model.lm_head if not model.args.tie_word_embeddings else model.model.embed_tokens
+    total = decode_bytes(model)
+    share = {"output head": nb(head) / total, "attention x L": L * nb(layer.self_attn) / total,
+             "MLP x L": L * nb(layer.mlp) / total}
     for name, f in parts.items():
         f()
         ts = []
@@ -116,7 +121,7 @@ def profile_step(model, prompt_ids, repeats=9):
             f()
             ts.append(time.perf_counter() - t)
         out[name] = statistics.median(ts) * 1e3 * (L if name.endswith("x L") else 1)
-    return out
+    return out, share
 
 
 def main(argv=None):
@@ -184,12 +189,13 @@ def main(argv=None):
           f"{bc.verdict(ratio >= GOAL_RATIO)})")
 
     if not args.no_profile:
-        prof = profile_step(ours, prompt_ids)
+        prof, share = profile_step(ours, prompt_ids)
         full = prof["full step"]
         print("profile of one decode step of ours (median ms; 'x L' = one layer timed alone x "
-              f"{len(ours.layers)} layers):")
+              f"{len(ours.layers)} layers; bytes = share of the weights read per token):")
         for k, v in prof.items():
-            print(f"  {k:22s} {v:8.2f} ms  ({100 * v / full:5.1f}% of a full step)")
+            b = f", {100 * share[k]:5.1f}% of the bytes" if k in share else ""
+            print(f"  {k:22s} {v:8.2f} ms  ({100 * v / full:5.1f}% of a full step{b})")
     return {"ratio": ratio, "ours_tps": ours_tps, "peer_tps": peer_tps, "efficiency": eff}
 
 
