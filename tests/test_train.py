@@ -260,6 +260,14 @@ def test_resume_reproduces_uninterrupted_losses(tiny):
     np.testing.assert_allclose(part["losses"] + rest["losses"], full["losses"], rtol=1e-6)
 
 
+def test_resume_lora_run(tiny):
+    common = dict(epochs=1, batch_size=4, stage=1, lora=True, lora_rank=4, learning_rate=1e-3)
+    full = train.run(cfg(tiny, tiny["root"] / "lfull", **common), log=quiet)
+    part = train.run(cfg(tiny, tiny["root"] / "lpart", stop_after_steps=2, **common), log=quiet)
+    rest = train.run(train.TrainConfig(out=str(tiny["root"] / "lpart"), resume=True), log=quiet)
+    np.testing.assert_allclose(part["losses"] + rest["losses"], full["losses"], rtol=1e-5)
+
+
 # ---------------------------------------------------------------- 5. crash while saving
 
 
