@@ -30,9 +30,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
+from .tokens import LATENT_TOKENS
 from .model import Model, load_model
 
-LATENT_TOKENS = ("<|start-latent|>", "<|latent|>", "<|end-latent|>")
 RUN_FILE = "coconut.json"
 RUN_FORMAT = 1
 

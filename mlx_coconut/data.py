@@ -37,6 +37,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import UserError
+from .tokens import LATENT_TOKENS, add_tokens_to_tokenizer
 
 FORMATS = ("icot", "json", "gsm8k")
 
@@ -304,7 +305,6 @@ def download_gsm8k(out_dir, splits=("train", "valid", "test"), progress=None, ti
 
 # ---------------------------------------------------------------- the one formatter
 
-LATENT_TOKENS = ("<|start-latent|>", "<|latent|>", "<|end-latent|>")
 MODES = ("cot", "no-cot", "coconut", "pause", "no-thought")
 
 
@@ -363,20 +363,11 @@ class TokenizedRecord:
 def special_ids(tokenizer, eos_id: Optional[int] = None) -> SpecialIds:
     """Ids of the three latent tokens (added to the tokenizer if missing) plus EOS.
 
-    Tokenizer only; `mlx_coconut.tokens.add_latent_tokens` also grows the model. Missing tokens are
-    added in the same order and form as there (start, latent, end; special, not normalized), so both
-    paths give the same ids. Works on transformers tokenizers and mlx-lm's TokenizerWrapper.
+    Tokenizer only (`tokens.add_latent_tokens` also grows the model; both add tokens the same way).
+    Works on transformers tokenizers and mlx-lm's TokenizerWrapper.
     """
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in LATENT_TOKENS if t not in vocab]
-    if missing:
-        try:
-            from tokenizers import AddedToken
-            missing = [AddedToken(t, special=True, normalized=False) for t in missing]
-        except ImportError:
-            pass
-        tokenizer.add_tokens(missing, special_tokens=True)
-    start, latent, end = (tokenizer.convert_tokens_to_ids(t) for t in LATENT_TOKENS)
+    tokens, _ = add_tokens_to_tokenizer(tokenizer)
+    start, latent, end = tokens.ids
     eos = eos_id if eos_id is not None else tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer defines no EOS token; pass eos_id explicitly")

@@ -14,6 +14,9 @@ import mlx.nn as nn
 from .errors import UserError
 
 START_LATENT, LATENT, END_LATENT = "<|start-latent|>", "<|latent|>", "<|end-latent|>"
+# Added in this order, so ids are start, latent, end (the official code adds start, end, latent;
+# only the numbering differs).
+LATENT_TOKENS = (START_LATENT, LATENT, END_LATENT)
 INIT_TOKEN = "<<"
 
 
@@ -30,7 +33,9 @@ class LatentTokens:
 
 def _hf(tokenizer):
     """The transformers tokenizer behind mlx-lm's TokenizerWrapper (or the tokenizer itself)."""
-    return getattr(tokenizer, "_tokenizer", tokenizer)
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    return tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
 
 
 def init_token_id(tokenizer) -> int:
@@ -72,25 +77,29 @@ def _grow(layer, ids, src_id):
     return n
 
 
-def add_latent_tokens(model, tokenizer) -> LatentTokens:
-    """Add the three tokens to `tokenizer` (mlx-lm TokenizerWrapper or transformers tokenizer) and to
-    `model`; idempotent: tokens already present keep their ids and rows."""
+def add_tokens_to_tokenizer(tokenizer) -> tuple:
+    """Add the three tokens to the tokenizer only (special, never split or normalized) → (ids, new ids).
+    Idempotent: tokens already present keep their ids."""
     from tokenizers import AddedToken
 
     hf = _hf(tokenizer)
-    src = init_token_id(tokenizer)
-    names = (START_LATENT, LATENT, END_LATENT)
     vocab = hf.get_vocab()
-    missing = [t for t in names if t not in vocab]
+    missing = [t for t in LATENT_TOKENS if t not in vocab]
     if missing:
         hf.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
                       special_tokens=True)
         vocab = hf.get_vocab()
-    ids = [vocab[t] for t in names]
-    new_ids = [vocab[t] for t in missing]
+    return LatentTokens(*(vocab[t] for t in LATENT_TOKENS)), [vocab[t] for t in missing]
+
+
+def add_latent_tokens(model, tokenizer) -> LatentTokens:
+    """Add the three tokens to `tokenizer` (mlx-lm TokenizerWrapper or transformers tokenizer) and to
+    `model`; idempotent: tokens already present keep their ids and rows."""
+    src = init_token_id(tokenizer)
+    tokens, new_ids = add_tokens_to_tokenizer(tokenizer)
     rows = vocab_rows(model)
     # rows to (re)initialise: tokens just added, or present in the tokenizer but not yet in the model
-    init = sorted(set(new_ids) | {i for i in ids if i >= rows})
+    init = sorted(set(new_ids) | {i for i in tokens.ids if i >= rows})
     if init:
         n = _grow(model.model.embed_tokens, init, src)
         head = getattr(model, "lm_head", None)  # only untied models have one
@@ -100,4 +109,4 @@ def add_latent_tokens(model, tokenizer) -> LatentTokens:
             if holder is not None and hasattr(holder, "vocab_size"):
                 holder.vocab_size = n
         mx.eval(model.parameters())
-    return LatentTokens(*ids)
+    return tokens
