@@ -19,7 +19,7 @@ from .errors import UserError
 # Sized so the full run fits 15 minutes on a 2-core x86 CPU with OpenBLAS (measured: see README);
 # `small` is the CI smoke test. 1-3 step problems keep sequences short (~60 tokens).
 PRESETS = {
-    "full": dict(train=200, valid=16, test=64, min_steps=1, max_steps=3, epochs0=1, epochs1=1,
+    "full": dict(train=160, valid=8, test=48, min_steps=1, max_steps=3, epochs0=1, epochs1=1,
                  batch_size=8, learning_rate=1e-4, max_tokens=40),
     "small": dict(train=8, valid=2, test=4, min_steps=1, max_steps=2, epochs0=1, epochs1=1,
                   batch_size=8, learning_rate=1e-4, max_tokens=12),
