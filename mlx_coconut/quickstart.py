@@ -135,6 +135,11 @@ def run(out_dir, small: bool = False, force: bool = False, log=print, progress=N
     log(render_text(results))
     report, json_path = out / "report.md", out / "results.json"
     write_outputs(results, str(report), str(json_path), str(data["test"]), p["max_tokens"])
+    try:  # curves too when the optional matplotlib is there
+        from .report import plot_runs
+        log(f"curves: {plot_runs([runs['stage0'], runs['stage1']], out / 'curves.png')}")
+    except UserError as e:
+        log(f"curves: skipped ({e})")
     return {"stage0": str(runs["stage0"]), "stage1": str(runs["stage1"]), "report": str(report),
             "json": str(json_path), "question": test[0].question, "max_tokens": p["max_tokens"],
             "results": results, "seconds": time.perf_counter() - start}
