@@ -108,3 +108,25 @@ def evaluate(model, tokenizer=None, settings=None, records=None, batch_size: int
         seconds=seconds,
         settings={"mode": config.mode, "stage": config.stage, "c_thought": config.c_thought},
     )
+
+
+def evaluate_sharded(dist, model, tokenizer, settings, records, **kwargs) -> EvalResults:
+    """`evaluate` with the records split across the ranks of `dist` (a `distributed.Dist`): each rank
+    generates for its contiguous share, the per-record results are gathered, so every rank returns the
+    same EvalResults over all records, in their order (seconds: the slowest rank)."""
+    sizes = [len(s) for s in dist.split(records)]
+    start = sum(sizes[:dist.rank])
+    part = evaluate(model, tokenizer, settings, dist.shard(records), **kwargs)
+    for e in part.examples:
+        e["index"] += start
+    parts = dist.gather_json({"examples": part.examples, "seconds": part.seconds}, "the evaluation")
+    out = [e for p in parts for e in p["examples"]]
+    n = max(len(out), 1)
+    return EvalResults(
+        examples=out,
+        accuracy=sum(e["correct"] for e in out) / n,
+        cot_match=sum(e["cot_match"] for e in out) / n,
+        mean_generated_tokens=sum(e["n_generated"] for e in out) / n,
+        seconds=max(p["seconds"] for p in parts),
+        settings=part.settings,
+    )

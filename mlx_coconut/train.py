@@ -26,10 +26,11 @@ import numpy as np
 from mlx.utils import tree_map
 
 from . import checkpoint as ckpt
+from . import distributed
 from .coconut import loss_fn
 from .data import FormatConfig, MODES, SpecialIds, collate, format_record, load_records
 from .errors import UserError
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_sharded
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -487,14 +488,21 @@ def batch_loss(model, batch, feedback) -> tuple:
     return loss, ntoks
 
 
-def validation_loss(model, batches, special, cfg) -> float:
+def validation_loss(model, batches, special, cfg, dist=None) -> float:
     total, n = 0.0, 0
     for ex in batches:
+        if dist is not None and dist.enabled:
+            ex = dist.shard(ex)  # this rank's share of the batch; the sums are reduced below
+            if not ex:
+                continue
         b = make_batch(ex, special.eos, special.latent, cfg.bucket)
         loss, ntoks = batch_loss(model, b, cfg.mode != "pause")
         mx.eval(loss, ntoks)
         total += loss.item() * ntoks.item()
         n += ntoks.item()
+    if dist is not None and dist.enabled:
+        parts = dist.gather_json([total, n], "the validation loss")
+        total, n = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return total / max(n, 1)
 
 
@@ -559,6 +567,9 @@ class _Interrupt:
 
 
 def train_stage(config: TrainConfig, log=print) -> dict:
+    dist = distributed.setup()  # size 1 unless started by `mlx.launch`
+    if not dist.main:
+        log = _quiet  # rank 0 prints; errors still reach every rank as UserError
     out = Path(config.out) if config.out else None
     resume_state = None
     if config.resume:
@@ -580,7 +591,8 @@ def train_stage(config: TrainConfig, log=print) -> dict:
         if ckpt.is_run_dir(out):
             raise UserError(f"--out {out} already holds a run: pass --resume to continue it, or choose "
                             f"another --out")
-    check_writable(out)
+    if dist.main:
+        check_writable(out)
     mx.random.seed(cfg.seed)
     records, valid = load_data(cfg, log)
 
@@ -619,6 +631,8 @@ def train_stage(config: TrainConfig, log=print) -> dict:
         log(f"resuming {out} at step {step} (epoch {start_epoch + 1}, batch {start_batch})")
 
     n_params = sum(v.size for _, v in _flat(model.trainable_parameters()))
+    if dist.enabled:
+        _check_ranks(dist, model, records, valid, step, cfg, log)
     log(f"training stage {cfg.stage} ({cfg.mode}, c={cfg.c_thought}) on {len(records)} records, "
         f"{record['weights']}{' (QLoRA)' if record.get('lora') and record['lora'].get('quantization') else ''} "
         f"fine-tune, {n_params / 1e6:.2f}M trainable parameters, {cfg.dtype} -> {out}")
@@ -637,7 +651,9 @@ def train_stage(config: TrainConfig, log=print) -> dict:
         nonlocal last_saved
         state = {"step": step, "epoch": epoch, "batch": batch, "stage": cfg.stage, "seed": cfg.seed,
                  "complete": complete}
-        last_saved = ckpt.save_checkpoint(out, run_record, model, tokenizer, optimizer, state)
+        if dist.main:  # the other ranks hold the same weights
+            last_saved = dist.checkpoint = ckpt.save_checkpoint(out, run_record, model, tokenizer,
+                                                                optimizer, state)
         return last_saved
 
     bar = Progress(total_steps, "", done=step)
@@ -650,17 +666,25 @@ def train_stage(config: TrainConfig, log=print) -> dict:
             group_start = first
             mx.reset_peak_memory()
             for bi in range(first, len(batches)):
-                batch = make_batch(batches[bi], special.eos, special.latent, cfg.bucket)
                 # RNG (LoRA dropout) keyed by position in the run, so a resumed run draws the same
                 mx.random.seed(cfg.seed * 1_000_003 + epoch * 100_003 + bi)
-                loss, ntoks, g = stepper(batch)
+                if dist.enabled:  # this rank's share, its gradient weighted by its share of tokens
+                    loss, g, ntokens = shard_step(stepper, model, batches[bi], special, cfg, dist)
+                else:
+                    batch = make_batch(batches[bi], special.eos, special.latent, cfg.bucket)
+                    loss, ntoks, g = stepper(batch)
+                    ntokens = batch["ntokens"]
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 mx.eval(loss, grads)
                 acc_loss += loss
                 acc_n += 1
-                acc_toks += batch["ntokens"]
+                acc_toks += ntokens
                 if acc_n < accum and bi + 1 < len(batches):
                     continue
+                if dist.enabled:  # one all_sum per optimizer step: gradients, loss and Ctrl-C flag
+                    grads, acc_loss, hit = dist.all_sum(
+                        (grads, acc_loss, mx.array(float(interrupt.hit))), f"step {step + 1}")
+                    hit_anywhere = hit.item() > 0  # every rank stops at the same step
                 if accum > 1:
                     grads = tree_map(lambda v: v / acc_n, grads)
                 optimizer.update(model, grads)
@@ -677,35 +701,71 @@ def train_stage(config: TrainConfig, log=print) -> dict:
                 tps = acc_toks / max(dt, 1e-9)
                 peak = mx.get_peak_memory() / 1e9
                 losses.append(loss_val)
-                ckpt.append_jsonl(metrics_file, {
-                    "step": step, "stage": cfg.stage, "epoch": epoch + 1, "loss": round(loss_val, 6),
-                    "lr": float(optimizer.learning_rate.item()), "tokens": acc_toks,
-                    "tokens_per_sec": round(tps, 1), "peak_memory_gb": round(peak, 3),
-                    "time": round(time.time(), 3)})
-                bar.update(step, loss_val, tps, peak)
+                if dist.main:
+                    ckpt.append_jsonl(metrics_file, {
+                        "step": step, "stage": cfg.stage, "epoch": epoch + 1, "loss": round(loss_val, 6),
+                        "lr": float(optimizer.learning_rate.item()), "tokens": acc_toks,
+                        "tokens_per_sec": round(tps, 1), "peak_memory_gb": round(peak, 3),
+                        "time": round(time.time(), 3), **({"ranks": dist.size} if dist.enabled else {})})
+                    bar.update(step, loss_val, tps, peak)
                 grads, acc_loss, acc_n, acc_toks, t0 = None, 0.0, 0, 0, time.perf_counter()
                 group_start = bi + 1
-                stop = interrupt.hit or (cfg.stop_after_steps is not None and step >= cfg.stop_after_steps)
+                hit = hit_anywhere if dist.enabled else interrupt.hit
+                stop = hit or (cfg.stop_after_steps is not None and step >= cfg.stop_after_steps)
                 if stop:
-                    bar.close()
+                    if dist.main:
+                        bar.close()
                     path = save(epoch, group_start)
                     log(f"interrupted: saved {path} (step {step}); continue with "
                         f"`mlx-coconut train --resume --out {out}`")
                     return {"out": str(out), "steps": step, "losses": losses, "interrupted": True}
                 if cfg.save_every and step % cfg.save_every == 0 and group_start < len(batches):
                     save(epoch, group_start)
-            bar.update(step, losses[-1] if losses else float("nan"), tps if losses else 0.0,
-                       mx.get_peak_memory() / 1e9, force=True)
-            bar.close()
+            if dist.main:
+                bar.update(step, losses[-1] if losses else float("nan"), tps if losses else 0.0,
+                           mx.get_peak_memory() / 1e9, force=True)
+                bar.close()
             save(epoch + 1, 0, complete=epoch + 1 >= cfg.epochs)
             summary = end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, step,
-                                   out, log)
+                                   out, log, dist)
             model.train()
             summary_last = summary
     result = {"out": str(out), "steps": step, "losses": losses, "interrupted": False}
     if cfg.epochs > start_epoch:
         result["eval"] = summary_last
     return result
+
+
+def _quiet(*_, **__):
+    pass
+
+
+def shard_step(stepper, model, examples, special, cfg, dist) -> tuple:
+    """This rank's contiguous share of a global batch → (loss, grads, real tokens of the whole batch),
+    loss and grads scaled by n_rank / n_batch (supervised tokens) so that their all_sum over the ranks
+    is the loss and gradient of one process on the whole batch. Every rank collates every share (cheap,
+    host-side) to know all the n_r; a rank with no rows (batch smaller than the ranks) adds zeros."""
+    shards = [make_batch(s, special.eos, special.latent, cfg.bucket) if s else None
+              for s in dist.split(examples)]
+    counts = [distributed.supervised_tokens(b) if b is not None else 0 for b in shards]
+    ntokens = sum(int(b["ntokens"]) for b in shards if b is not None)
+    mine, total = shards[dist.rank], max(sum(counts), 1)
+    if mine is None or counts[dist.rank] == 0:
+        zeros = tree_map(mx.zeros_like, model.trainable_parameters())
+        return mx.array(0.0), zeros, ntokens
+    loss, _, g = stepper(mine)
+    w = counts[dist.rank] / total
+    return loss * w, tree_map(lambda v: v * w, g), ntokens
+
+
+def _check_ranks(dist, model, records, valid, step, cfg, log):
+    """Same data, same start, same weights on every rank (else a clear error, not silent drift)."""
+    total = sum(mx.abs(v.astype(mx.float32)).sum() for _, v in _flat(model.trainable_parameters()))
+    dist.check_same({"records": len(records), "valid": len(valid), "step": step,
+                     "batch_size": cfg.batch_size, "seed": cfg.seed, "stage": cfg.stage,
+                     "weights_checksum": round(float(total.item()), 3)})
+    log(f"data parallel: {dist.size} ranks, global batch {cfg.batch_size} "
+        f"(≤ {math.ceil(cfg.batch_size / dist.size)} per rank), gradients all-summed each step")
 
 
 def set_optimizer_state(optimizer, saved: dict):
@@ -733,7 +793,8 @@ def _flat(tree):
     return tree_flatten(tree)
 
 
-def end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, step, out, log) -> dict:
+def end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, step, out, log,
+                 dist=None) -> dict:
     """Validation loss + greedy generation accuracy on the validation records, 5 sample predictions,
     appended to eval.json."""
     model.eval()
@@ -742,9 +803,13 @@ def end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, 
         vex = [format_record(r, tokenizer, vfcfg, special) for r in valid]
         vex = [e for e in vex if len(e.input_ids) <= cfg.max_seq_length]
         vb = [vex[i:i + cfg.batch_size] for i in range(0, len(vex), cfg.batch_size)]
-        entry["valid_loss"] = validation_loss(model, vb, special, cfg)
-        res = evaluate(model, tokenizer, settings, valid, batch_size=max(cfg.batch_size, 8),
-                       max_tokens=cfg.max_new_tokens)
+        entry["valid_loss"] = validation_loss(model, vb, special, cfg, dist)
+        if dist is not None and dist.enabled:  # each rank generates for its share, results gathered
+            res = evaluate_sharded(dist, model, tokenizer, settings, valid,
+                                   batch_size=max(cfg.batch_size, 8), max_tokens=cfg.max_new_tokens)
+        else:
+            res = evaluate(model, tokenizer, settings, valid, batch_size=max(cfg.batch_size, 8),
+                           max_tokens=cfg.max_new_tokens)
         entry.update(res.summary())
         entry["samples"] = res.examples[:5]
         log(f"epoch {epoch + 1}: valid loss {entry['valid_loss']:.4f} | accuracy {res.accuracy:.3f} "
@@ -756,6 +821,8 @@ def end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, 
             pred = e["prediction"] if len(e["prediction"]) <= 20 else e["prediction"][:17] + "..."
             log(f"  [{mark}] {q} | answer {e['answer']} | predicted {pred!r} | "
                 f"generated {e['generated'][:60]!r}")
+    if dist is not None and not dist.main:
+        return entry
     evals_file = out / "eval.json"
     evals = json.loads(evals_file.read_text()) if evals_file.exists() else []
     evals = [e for e in evals if e.get("epoch") != epoch + 1] + [entry]

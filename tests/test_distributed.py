@@ -1,0 +1,241 @@
+"""Data-parallel training (issue 8): two ranks on 127.0.0.1 over MLX's ring backend.
+
+Two processes with global batch B must train the same parameters as one process with batch B (the
+gradient of each rank's share is weighted by its share of the supervised tokens), a 2-rank checkpoint
+must resume in one process, and a peer that dies, hangs or never starts must end the job with one line
+within a bounded time. Every subprocess runs in its own session with a timeout, and is killed (the
+whole process group) if it overruns, so a broken ring cannot hang the suite."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_coconut import checkpoint as ckpt
+from mlx_coconut import distributed, train
+from mlx_coconut.data import save_records, synth_records
+from test_train import make_tiny_model
+
+CLI = [sys.executable, "-c", "from mlx_coconut.cli import main; main()", "train"]
+LAUNCH = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
+TIMEOUT = 90  # seconds, per subprocess: a hang fails the test instead of blocking CI
+# global batch 7 over 16 records: shares of 4 + 3 rows, then a last batch of 2 (1 + 1 rows)
+SETTINGS = dict(eval_samples=4, max_new_tokens=8, batch_size=7, learning_rate=1e-4, save_every=0,
+                seed=0, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    records = synth_records(16, seed=0, min_steps=1, max_steps=2)
+    model = make_tiny_model(root / "model", records)
+    data = root / "train.json"
+    save_records(records, data)
+    return {"root": root, "model": model, "data": data}
+
+
+def config_file(tiny, name, **kw) -> Path:
+    path = tiny["root"] / f"{name}.yaml"
+    values = {"model": str(tiny["model"]), "train": str(tiny["data"]), **SETTINGS, **kw}
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def free_ports(n=2) -> int:
+    """A base port p with p .. p+n-1 free on 127.0.0.1 (what `mlx.launch -p` and our hostfiles use)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65535:
+            continue
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port pair")
+
+
+def bounded(cmd, timeout=TIMEOUT, env=None) -> subprocess.CompletedProcess:
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env={**os.environ, **(env or {})},
+                         stdin=subprocess.DEVNULL)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"{' '.join(cmd[-6:])} did not finish in {timeout} s\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def launch(args, n=2) -> subprocess.CompletedProcess:
+    """The documented form: mlx.launch -n 2 -p PORT -- mlx-coconut train ..."""
+    r = bounded(LAUNCH + ["-n", str(n), "-p", str(free_ports(n)), "--"] + CLI + args)
+    return r
+
+
+def ranks(tmp, configs, env=None, size=None):
+    """Start ranks 0 .. len(configs)-1 of a `size`-rank job by hand, with the variables the ring
+    backend reads (MLX_RANK, MLX_HOSTFILE = a JSON file [[ip:port] per rank]) → list of Popen."""
+    size = size or len(configs)
+    port = free_ports(size)
+    hostfile = tmp / f"hosts-{port}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(size)]))
+    procs = []
+    for r, args in enumerate(configs):
+        e = {**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile), **(env or {})}
+        procs.append(subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=e, start_new_session=True,
+                                      stdin=subprocess.DEVNULL))
+    return procs
+
+
+def finish(p, timeout=TIMEOUT):
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"rank did not finish in {timeout} s\n{out}\n{err}")
+
+
+def weights(run) -> dict:
+    return mx.load(str(ckpt.checkpoint_dir(run) / "model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(mx.abs(a[k] - b[k]).max()) for k in a)
+
+
+def metrics(run) -> list:
+    return [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """One process, global batch 7, one epoch (3 steps) + validation."""
+    out = tiny["root"] / "ref"
+    train.run(train.TrainConfig(model=str(tiny["model"]), train=str(tiny["data"]), out=str(out),
+                                **SETTINGS), log=lambda *_: None)
+    return out
+
+
+def test_shard_gradients_sum_to_the_batch_gradient(tiny):
+    """In one process: Σ_r (n_r / n) · grad(share r) == grad(whole batch), for uneven shares."""
+    cfg, _ = train.resolve(train.TrainConfig(model=str(tiny["model"]), train=str(tiny["data"]),
+                                             out=str(tiny["root"] / "unused"), batch_size=7,
+                                             eval_samples=0))
+    records, _ = train.load_data(cfg, lambda *_: None)
+    model, tok, special, _ = train.setup_model(cfg, None, lambda *_: None)
+    batch = train.epoch_batches(records, tok, train.format_config(cfg), special, cfg, 0)[0]
+    stepper = train.Stepper(model, True, False)
+    loss, _, full = stepper(train.make_batch(batch, special.eos, special.latent, cfg.bucket))
+    dist = distributed.Dist()
+    dist.size = 3  # shares of 3, 2, 2 rows
+    total_loss, total = 0.0, None
+    for dist.rank in range(3):
+        l, g, _ = train.shard_step(stepper, model, batch, special, cfg, dist)
+        total_loss += l.item()
+        total = g if total is None else tree_map(mx.add, total, g)
+    assert abs(total_loss - loss.item()) < 1e-5
+    for (k, a), (_, b) in zip(tree_flatten(full), tree_flatten(total)):
+        assert float(mx.abs(a - b).max()) < 1e-6, k
+
+
+def test_two_ranks_equal_one_process(tiny, reference):
+    out = tiny["root"] / "two"
+    r = launch(["-c", str(config_file(tiny, "two")), "--out", str(out)])
+    assert r.returncode == 0 and "exited with code" not in r.stderr, r.stderr[-3000:]
+    assert "data parallel: 2 ranks, global batch 7" in r.stdout
+    assert max_diff(weights(out), weights(reference)) < 1e-5
+    m2, m1 = metrics(out), metrics(reference)
+    assert [m["step"] for m in m2] == [1, 2, 3]  # rank 0 alone writes metrics
+    assert all(m["ranks"] == 2 for m in m2)
+    assert [m["tokens"] for m in m2] == [m["tokens"] for m in m1]
+    for a, b in zip(m2, m1):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    e2, e1 = (json.loads((p / "eval.json").read_text())[-1] for p in (out, reference))
+    assert e2["n"] == e1["n"] == 4  # sharded generation, results gathered
+    assert abs(e2["valid_loss"] - e1["valid_loss"]) < 1e-5
+    assert [s["prediction"] for s in e2["samples"]] == [s["prediction"] for s in e1["samples"]]
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(tiny, reference):
+    out = tiny["root"] / "two-stop"
+    r = launch(["-c", str(config_file(tiny, "stop", stop_after_steps=2)), "--out", str(out)])
+    # interrupted: saved at step 2 of 3 (mlx.launch reports the ranks' codes but itself exits 0)
+    assert "Node with rank 0 exited with code 130" in r.stderr, r.stderr[-3000:]
+    assert json.loads((ckpt.checkpoint_dir(out) / "state.json").read_text())["step"] == 2
+    result = train.run(train.TrainConfig(out=str(out), resume=True), log=lambda *_: None)
+    assert result["steps"] == 3 and not result["interrupted"]
+    assert max_diff(weights(out), weights(reference)) < 1e-5
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+def test_dead_peer_ends_the_job_with_one_line(tiny):
+    """Rank 1 leaves after step 1 (as if it crashed): rank 0 fails at the step-2 all_sum with one line,
+    exit code 2, and the step-1 checkpoint it wrote stays loadable."""
+    out = tiny["root"] / "dead"
+    common = ["--out", str(out), "--save-every", "1"]
+    p0, p1 = ranks(tiny["root"], [["-c", str(config_file(tiny, "d0"))] + common,
+                                  ["-c", str(config_file(tiny, "d1", stop_after_steps=1))] + common])
+    t = time.monotonic()
+    finish(p1)
+    _, err = finish(p0)
+    assert p0.returncode == 2, err[-3000:]
+    assert time.monotonic() - t < 60
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "rank 0/2: lost the connection to another rank during step 2" in lines[0]
+    assert "ckpt-0000001" in lines[0]
+    assert ckpt.load(out).state["step"] == 1
+
+
+def test_hung_peer_is_stopped_by_the_watchdog(tiny):
+    """Rank 1 freezes (SIGSTOP: no socket is closed, the ring would wait forever): rank 0's watchdog
+    prints one line and ends it after MLX_COCONUT_TIMEOUT seconds."""
+    out = tiny["root"] / "hung"
+    args = ["-c", str(config_file(tiny, "h", epochs=50)), "--out", str(out)]
+    p0, p1 = ranks(tiny["root"], [args, args], env={"MLX_COCONUT_TIMEOUT": "3"})
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(p1.pid, signal.SIGSTOP)
+        t = time.monotonic()
+        _, err = finish(p0, timeout=30)
+        assert time.monotonic() - t < 20
+        assert p0.returncode == -signal.SIGKILL
+        lines = [l for l in err.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1, err[-3000:]  # during a step's all_sum or the epoch-end validation
+        assert lines[0].startswith("error: rank 0/2: no answer from the other ranks for 3 s during ")
+    finally:
+        os.killpg(p1.pid, signal.SIGKILL)
+        p1.communicate()
+
+
+def test_missing_peer_ends_start_up_with_one_line(tiny):
+    """Only rank 0 of 2 starts: `mx.distributed.init` would retry forever; the watchdog ends it."""
+    (p0,) = ranks(tiny["root"], [["-c", str(config_file(tiny, "m")), "--out",
+                                  str(tiny["root"] / "missing")]],
+                  env={"MLX_COCONUT_CONNECT_TIMEOUT": "2"}, size=2)
+    _, err = finish(p0, timeout=30)
+    assert "error: rank 0: could not connect to the other ranks within 2 s" in err
+    assert p0.returncode == -signal.SIGKILL
