@@ -30,6 +30,12 @@ def test_quickstart_small(smollm2_gguf_path, tmp_path):
     assert m0["mean_thoughts"] == 0 and m1["mean_thoughts"] == 1   # c=1, every synthetic record has steps
     assert 0 <= m0["accuracy"] <= 1 and m0["correct"] == sum(e["correct"] for e in m0["examples"])
 
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    except ImportError:
+        pass
+
     # held-out test questions never appear in training
     train = {r["question"] for r in json.loads((out / "data" / "train.json").read_text())}
     test = [r["question"] for r in json.loads((out / "data" / "test.json").read_text())]
