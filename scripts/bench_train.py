@@ -41,6 +41,8 @@ def main(argv=None):
     p.add_argument("--skip", type=int, default=0, help="start at this GSM8k record")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per side per repeat "
                    "(the last is timed)")
+    p.add_argument("--no-eager", action="store_true",
+                   help="skip the third side (ours without mx.compile)")
     args = p.parse_args(argv)
 
     from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train as lm_train
@@ -73,6 +75,8 @@ def main(argv=None):
     stepper = Stepper(ours, feedback=True, use_compile=True)
     opt_ours = optim.AdamW(learning_rate=1e-4, weight_decay=0.01)
     opt_ours.init(ours.trainable_parameters())
+    # the same model and optimizer, stepped without mx.compile (train --no-compile / compile: false)
+    stepper_eager = Stepper(ours, feedback=True, use_compile=False)
 
     # mlx-lm: its model class, same weights, its LoRA conversion and trainer
     peer, _ = lm_load_model(path)
@@ -93,11 +97,11 @@ def main(argv=None):
           f"projections: trainable ours {n_trainable(ours) / 1e6:.2f}M (+ 3 latent-token rows), "
           f"mlx-lm {n_trainable(peer) / 1e6:.2f}M")
 
-    def ours_fn():
+    def ours_fn(step_fn=stepper):
         times = []
         for _ in range(args.steps):
             t = time.perf_counter()
-            loss, ntoks, grads = stepper(batch)
+            loss, ntoks, grads = step_fn(batch)
             opt_ours.update(ours, grads)
             mx.eval(loss, ours.trainable_parameters(), opt_ours.state)
             times.append(time.perf_counter() - t)
@@ -121,7 +125,10 @@ def main(argv=None):
         step_s = 1.0 / last["iterations_per_second"]
         return {"step_s": step_s, "tok_s": n_tokens / step_s, "loss": last["train_loss"]}
 
-    runs = bc.alternate({"ours": ours_fn, "mlx-lm": peer_fn}, args.repeats, warmup=False)
+    sides = {"ours": ours_fn, "mlx-lm": peer_fn}
+    if not args.no_eager:
+        sides["ours, no compile"] = lambda: ours_fn(stepper_eager)
+    runs = bc.alternate(sides, args.repeats, warmup=False)
     o, pr = bc.median(runs["ours"], "tok_s"), bc.median(runs["mlx-lm"], "tok_s")
     ratio = bc.paired_ratio(runs["ours"], runs["mlx-lm"], "tok_s")
     print(f"training tokens/s (median of {args.repeats}): ours {o:.1f} "
@@ -129,6 +136,11 @@ def main(argv=None):
           f"({bc.median(runs['mlx-lm'], 'step_s'):.2f} s/step)")
     print(f"RATIO ours/mlx-lm training tokens/s = {ratio:.3f} (median of per-round ratios; ratio of "
           f"medians {o / pr:.3f}) (goal >= {GOAL}: {bc.verdict(ratio >= GOAL)})")
+    if "ours, no compile" in runs:
+        e = bc.median(runs["ours, no compile"], "tok_s")
+        re = bc.paired_ratio(runs["ours, no compile"], runs["mlx-lm"], "tok_s")
+        print(f"  (ours without mx.compile: {e:.1f} tokens/s, {re:.3f}x mlx-lm; product default is "
+              f"compile on)")
     tmp.cleanup()
     return {"ratio": ratio}
 
