@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Optional
 
 import mlx.core as mx
@@ -96,6 +97,7 @@ class Dist:
         self.rank = group.rank() if group is not None else 0
         self.size = group.size() if group is not None else 1
         self.checkpoint = None  # the last checkpoint, for failure messages
+        self.wait_s = 0.0  # time the last collective took (transfer + waiting for the slowest rank)
 
     @property
     def enabled(self) -> bool:
@@ -116,18 +118,21 @@ class Dist:
 
     # ------------------------------------------------------------ collectives (bounded in time)
 
-    def _run(self, what: str, fn):
+    def _run(self, what: str, fn, timeout: Optional[float] = None):
         where = f"; the last checkpoint is {self.checkpoint}" if self.checkpoint else ""
+        timeout = timeout or self.timeout
         if self.watchdog:
-            self.watchdog.arm(self.timeout, f"error: rank {self.rank}/{self.size}: no answer from the "
-                              f"other ranks for {self.timeout:.0f} s during {what} (a peer hung or the "
+            self.watchdog.arm(timeout, f"error: rank {self.rank}/{self.size}: no answer from the "
+                              f"other ranks for {timeout:.0f} s during {what} (a peer hung or the "
                               f"link is down); stopping{where}")
+        t = time.perf_counter()
         try:
             return fn()
         except RuntimeError as e:
             raise UserError(f"rank {self.rank}/{self.size}: lost the connection to another rank "
                             f"during {what} ({e}); stopping{where}") from None
         finally:
+            self.wait_s = time.perf_counter() - t
             if self.watchdog:
                 self.watchdog.disarm()
 
@@ -160,7 +165,11 @@ class Dist:
                 out[i] = part.reshape(flat[i][1].shape)
         return tree_unflatten([(k, v) for (k, _), v in zip(flat, out)])
 
-    def gather_json(self, obj, what: str = "gather") -> list:
+    def barrier(self, what: str = "a barrier"):
+        if self.enabled:
+            self._run(what, lambda: mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group)))
+
+    def gather_json(self, obj, what: str = "gather", timeout: Optional[float] = None) -> list:
         """Every rank's JSON-serialisable `obj`, in rank order (on every rank)."""
         if not self.enabled:
             return [obj]
@@ -176,13 +185,14 @@ class Dist:
             mx.eval(allb)
             return sizes, np.array(allb).reshape(self.size, -1)
 
-        sizes, rows = self._run(what, gather)
+        sizes, rows = self._run(what, gather, timeout)
         return [json.loads(rows[r, :sizes[r]].tobytes().decode()) for r in range(self.size)]
 
     def check_same(self, values: dict, what: str = "start-up check"):
         """Fail on every rank, naming the difference, if the ranks disagree (e.g. a stale run dir)."""
         mine = {k: v for k, v in values.items()}
-        everyone = self.gather_json(mine, what)
+        # ranks finish loading at different times: the start-up allowance, not the per-step one
+        everyone = self.gather_json(mine, what, max(CONNECT_TIMEOUT, self.timeout))
         for r, theirs in enumerate(everyone):
             diff = [k for k in mine if theirs.get(k) != everyone[0].get(k)]
             if diff:
@@ -220,7 +230,19 @@ def setup() -> Dist:
     finally:
         watchdog.disarm()
     _DIST = Dist(group, watchdog)
+    signal.signal(signal.SIGTERM, _terminated)
     return _DIST
+
+
+def _terminated(*_):
+    """`mlx.launch` SIGTERMs the surviving ranks as soon as one rank exits with an error: say so in
+    one line (Python runs this between operations, i.e. once the current step or collective ends)."""
+    d = _DIST
+    where = f"; the last checkpoint is {d.checkpoint}" if d and d.checkpoint else ""
+    sys.stderr.write(f"error: rank {d.rank}/{d.size}: stopped by the launcher (another rank exited or "
+                     f"failed){where}\n")
+    sys.stderr.flush()
+    os._exit(128 + signal.SIGTERM)
 
 
 def supervised_tokens(batch: dict) -> int:

@@ -654,6 +654,9 @@ def train_stage(config: TrainConfig, log=print) -> dict:
         if dist.main:  # the other ranks hold the same weights
             last_saved = dist.checkpoint = ckpt.save_checkpoint(out, run_record, model, tokenizer,
                                                                 optimizer, state)
+        # no rank leaves before the checkpoint is committed (`mlx.launch` kills the other ranks as
+        # soon as one exits with an error code, e.g. 130 after Ctrl-C)
+        dist.barrier(f"the checkpoint at step {step}")
         return last_saved
 
     bar = Progress(total_steps, "", done=step)
@@ -706,7 +709,8 @@ def train_stage(config: TrainConfig, log=print) -> dict:
                         "step": step, "stage": cfg.stage, "epoch": epoch + 1, "loss": round(loss_val, 6),
                         "lr": float(optimizer.learning_rate.item()), "tokens": acc_toks,
                         "tokens_per_sec": round(tps, 1), "peak_memory_gb": round(peak, 3),
-                        "time": round(time.time(), 3), **({"ranks": dist.size} if dist.enabled else {})})
+                        "time": round(time.time(), 3),
+                        **({"ranks": dist.size, "all_sum_s": round(dist.wait_s, 3)} if dist.enabled else {})})
                     bar.update(step, loss_val, tps, peak)
                 grads, acc_loss, acc_n, acc_toks, t0 = None, 0.0, 0, 0, time.perf_counter()
                 group_start = bi + 1
@@ -718,6 +722,7 @@ def train_stage(config: TrainConfig, log=print) -> dict:
                     path = save(epoch, group_start)
                     log(f"interrupted: saved {path} (step {step}); continue with "
                         f"`mlx-coconut train --resume --out {out}`")
+                    dist.barrier("stopping")  # rank 0 has said so before any rank exits
                     return {"out": str(out), "steps": step, "losses": losses, "interrupted": True}
                 if cfg.save_every and step % cfg.save_every == 0 and group_start < len(batches):
                     save(epoch, group_start)

@@ -181,8 +181,9 @@ def test_two_ranks_equal_one_process(tiny, reference):
 def test_two_rank_checkpoint_resumes_in_one_process(tiny, reference):
     out = tiny["root"] / "two-stop"
     r = launch(["-c", str(config_file(tiny, "stop", stop_after_steps=2)), "--out", str(out)])
-    # interrupted: saved at step 2 of 3 (mlx.launch reports the ranks' codes but itself exits 0)
-    assert "Node with rank 0 exited with code 130" in r.stderr, r.stderr[-3000:]
+    # interrupted: saved at step 2 of 3; ranks exit with 130 (mlx.launch then SIGTERMs whoever is
+    # still running — after the checkpoint is committed — and itself exits 0)
+    assert "interrupted: saved" in r.stdout and "exited with code 130" in r.stderr, r.stderr[-3000:]
     assert json.loads((ckpt.checkpoint_dir(out) / "state.json").read_text())["step"] == 2
     result = train.run(train.TrainConfig(out=str(out), resume=True), log=lambda *_: None)
     assert result["steps"] == 3 and not result["interrupted"]
@@ -190,22 +191,35 @@ def test_two_rank_checkpoint_resumes_in_one_process(tiny, reference):
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
 
 
+def wait_for_first_step(out: Path, procs):
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "metrics.jsonl").exists():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail("the 2-rank run did not reach its first step: "
+                        + " | ".join(p.communicate()[1][-1500:] for p in procs))
+        time.sleep(0.1)
+
+
 def test_dead_peer_ends_the_job_with_one_line(tiny):
-    """Rank 1 leaves after step 1 (as if it crashed): rank 0 fails at the step-2 all_sum with one line,
-    exit code 2, and the step-1 checkpoint it wrote stays loadable."""
+    """Rank 1 is SIGKILLed mid-run (a crash): rank 0 fails at its next collective with one line,
+    exit code 2, and the last checkpoint it committed stays loadable."""
     out = tiny["root"] / "dead"
-    common = ["--out", str(out), "--save-every", "1"]
-    p0, p1 = ranks(tiny["root"], [["-c", str(config_file(tiny, "d0"))] + common,
-                                  ["-c", str(config_file(tiny, "d1", stop_after_steps=1))] + common])
+    args = ["-c", str(config_file(tiny, "d", epochs=50)), "--out", str(out), "--save-every", "1"]
+    p0, p1 = ranks(tiny["root"], [args, args])
+    wait_for_first_step(out, [p0, p1])
+    os.killpg(p1.pid, signal.SIGKILL)
+    p1.communicate()
     t = time.monotonic()
-    finish(p1)
-    _, err = finish(p0)
+    _, err = finish(p0, timeout=60)
+    assert time.monotonic() - t < 30
     assert p0.returncode == 2, err[-3000:]
-    assert time.monotonic() - t < 60
     lines = [l for l in err.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "rank 0/2: lost the connection to another rank during step 2" in lines[0]
-    assert "ckpt-0000001" in lines[0]
-    assert ckpt.load(out).state["step"] == 1
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error: rank 0/2: lost the connection to another rank during ")
+    assert "the last checkpoint is" in lines[0]
+    assert ckpt.load(out).state["step"] >= 1
 
 
 def test_hung_peer_is_stopped_by_the_watchdog(tiny):
@@ -213,19 +227,17 @@ def test_hung_peer_is_stopped_by_the_watchdog(tiny):
     prints one line and ends it after MLX_COCONUT_TIMEOUT seconds."""
     out = tiny["root"] / "hung"
     args = ["-c", str(config_file(tiny, "h", epochs=50)), "--out", str(out)]
-    p0, p1 = ranks(tiny["root"], [args, args], env={"MLX_COCONUT_TIMEOUT": "3"})
+    p0, p1 = ranks(tiny["root"], [args, args], env={"MLX_COCONUT_TIMEOUT": "5"})
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        os.kill(p1.pid, signal.SIGSTOP)
+        wait_for_first_step(out, [p0, p1])
+        os.killpg(p1.pid, signal.SIGSTOP)  # rank 1 and its own watchdog: a frozen host
         t = time.monotonic()
         _, err = finish(p0, timeout=30)
         assert time.monotonic() - t < 20
         assert p0.returncode == -signal.SIGKILL
         lines = [l for l in err.splitlines() if l.startswith("error:")]
         assert len(lines) == 1, err[-3000:]  # during a step's all_sum or the epoch-end validation
-        assert lines[0].startswith("error: rank 0/2: no answer from the other ranks for 3 s during ")
+        assert lines[0].startswith("error: rank 0/2: no answer from the other ranks for 5 s during ")
     finally:
         os.killpg(p1.pid, signal.SIGKILL)
         p1.communicate()
