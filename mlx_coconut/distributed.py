@@ -190,7 +190,7 @@ class Dist:
 
     def check_same(self, values: dict, what: str = "start-up check"):
         """Fail on every rank, naming the difference, if the ranks disagree (e.g. a stale run dir)."""
-        mine = {k: v for k, v in values.items()}
+        mine = dict(values)
         # ranks finish loading at different times: the start-up allowance, not the per-step one
         everyone = self.gather_json(mine, what, max(CONNECT_TIMEOUT, self.timeout))
         for r, theirs in enumerate(everyone):
@@ -205,8 +205,13 @@ _DIST: Optional[Dist] = None
 
 
 def launched() -> bool:
-    """Started by `mlx.launch` (or with its variables set by hand)?"""
-    return bool(os.environ.get("MLX_HOSTFILE") or os.environ.get("MLX_WORLD_SIZE"))
+    """Started by `mlx.launch` with more than one rank (or with its variables set by hand)?
+    (`mlx.launch -n 1` sets MLX_HOSTFILE to an empty file: a single process.)"""
+    path = os.environ.get("MLX_HOSTFILE")
+    try:
+        return bool(path) and bool(open(path).read().strip())
+    except OSError:
+        return True  # let init report the unreadable hostfile
 
 
 def setup() -> Dist:

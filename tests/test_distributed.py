@@ -27,7 +27,7 @@ from test_train import make_tiny_model
 CLI = [sys.executable, "-c", "from mlx_coconut.cli import main; main()", "train"]
 LAUNCH = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
 TIMEOUT = 90  # seconds, per subprocess: a hang fails the test instead of blocking CI
-# global batch 7 over 16 records: shares of 4 + 3 rows, then a last batch of 2 (1 + 1 rows)
+# global batch 7 over 16 records: shares of 3 + 4 rows, then a last batch of 2 (1 + 1 rows)
 SETTINGS = dict(eval_samples=4, max_new_tokens=8, batch_size=7, learning_rate=1e-4, save_every=0,
                 seed=0, epochs=1)
 
@@ -149,7 +149,7 @@ def test_shard_gradients_sum_to_the_batch_gradient(tiny):
     stepper = train.Stepper(model, True, False)
     loss, _, full = stepper(train.make_batch(batch, special.eos, special.latent, cfg.bucket))
     dist = distributed.Dist()
-    dist.size = 3  # shares of 3, 2, 2 rows
+    dist.size = 3  # shares of 2, 2, 3 rows
     total_loss, total = 0.0, None
     for dist.rank in range(3):
         l, g, _ = train.shard_step(stepper, model, batch, special, cfg, dist)
