@@ -8,6 +8,7 @@ whole process group) if it overruns, so a broken ring cannot hang the suite."""
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -50,15 +51,14 @@ def config_file(tiny, name, **kw) -> Path:
 
 
 def free_ports(n=2) -> int:
-    """A base port p with p .. p+n-1 free on 127.0.0.1 (what `mlx.launch -p` and our hostfiles use)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65535:
-            continue
+    """A base port p with p .. p+n-1 free on 127.0.0.1 (what `mlx.launch -p` and our hostfiles use),
+    below Linux's ephemeral range (32768+) so that no outgoing connection — e.g. one rank dialling
+    another — can take it between this check and the rank binding it."""
+    rng = random.Random()
+    for _ in range(100):
+        base = rng.randrange(20000, 32000 - n)
+        socks = []
         try:
-            socks = []
             for p in range(base, base + n):
                 s = socket.socket()
                 socks.append(s)
@@ -69,7 +69,7 @@ def free_ports(n=2) -> int:
         finally:
             for s in socks:
                 s.close()
-    raise RuntimeError("no free port pair")
+    raise RuntimeError("no free port range")
 
 
 def bounded(cmd, timeout=TIMEOUT, env=None) -> subprocess.CompletedProcess:
