@@ -112,6 +112,8 @@ def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
 
 def run(config: TrainConfig, log=print) -> dict:
     """Train one stage, or a curriculum of stages (`config.stages`). Returns a summary dict."""
+    if not distributed.setup().main:
+        log = _quiet  # under `mlx.launch` rank 0 alone prints
     if config.stages:
         return run_curriculum(config, log)
     return train_stage(config, log)
