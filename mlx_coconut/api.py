@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import coconut
-from .checkpoint import Loaded, load  # noqa: F401  (re-exported)
+from .checkpoint import Loaded, eos_ids, load  # noqa: F401  (re-exported)
 from .data import FormatConfig, Record, SpecialIds, collate, format_record
 from .errors import UserError
 
@@ -33,28 +33,15 @@ class Answer:
     timings: dict                     # of the batch this question ran in (seconds, tokens)
 
 
-def eos_ids(tokenizer) -> list:
-    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    if not ids:
-        raise UserError("the tokenizer defines no EOS token")
-    return sorted(ids)
-
-
 def special_ids(loaded: Loaded) -> SpecialIds:
-    """Latent-token ids (-1 when the model has none, e.g. a plain converted model) and EOS."""
-    lat = loaded.settings.latent_ids or {}
-    eos = loaded.tokenizer.eos_token_id
-    eos = eos if eos is not None else eos_ids(loaded.tokenizer)[0]
-    return SpecialIds(lat.get("start", -1), lat.get("latent", -1), lat.get("end", -1), int(eos))
+    return loaded.settings.special_ids(loaded.tokenizer)
 
 
 def format_config(loaded: Loaded) -> FormatConfig:
-    s = loaded.settings
-    if s.mode in ("coconut", "pause") and not s.latent_ids:
-        raise UserError(f"{loaded.path}: trained in '{s.mode}' mode but the tokenizer has no latent tokens")
-    return FormatConfig(s.mode, s.stage, s.c_thought, s.max_latent_stage, s.pad_latent_to_max)
+    try:
+        return loaded.settings.format_config()
+    except UserError as e:
+        raise UserError(f"{loaded.path}: {e}") from None
 
 
 def prompt_ids(loaded: Loaded, question) -> list:

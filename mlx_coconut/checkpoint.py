@@ -29,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .data import FormatConfig, SpecialIds
 from .errors import UserError
 from .tokens import LATENT_TOKENS
 from .model import Model, load_model
@@ -47,6 +48,32 @@ class Settings:
     pad_latent_to_max: bool = False
     latent_ids: Optional[dict] = None  # {"start": id, "latent": id, "end": id} when the tokens exist
     extra: dict = field(default_factory=dict)
+
+    def format_config(self, stage: Optional[int] = None) -> FormatConfig:
+        """The prompt form a model trained with these settings expects (no uniform mixing at eval,
+        as official). `stage` overrides the trained stage."""
+        if self.mode in ("coconut", "pause") and not self.latent_ids:
+            raise UserError(f"trained in '{self.mode}' mode but the tokenizer has no latent tokens")
+        return FormatConfig(mode=self.mode, stage=self.stage if stage is None else stage,
+                            c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
+                            pad_latent_to_max=self.pad_latent_to_max, uniform_prob=0.0)
+
+    def special_ids(self, tokenizer) -> SpecialIds:
+        """Latent-token ids (-1 when the model has none, e.g. a plain converted model) and EOS."""
+        lat = self.latent_ids or {}
+        eos = tokenizer.eos_token_id
+        eos = eos if eos is not None else eos_ids(tokenizer)[0]
+        return SpecialIds(lat.get("start", -1), lat.get("latent", -1), lat.get("end", -1), int(eos))
+
+
+def eos_ids(tokenizer) -> list:
+    """Every id that ends generation (mlx-lm's wrapper may list several, e.g. Llama 3 instruct)."""
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise UserError("the tokenizer defines no EOS token")
+    return sorted(ids)
 
 
 @dataclass

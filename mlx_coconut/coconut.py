@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .data import collate_prompts
 from .model import KVCache, Model
 
 IGNORE = -100
@@ -67,15 +68,6 @@ class Generation:
     timings: dict = field(default_factory=dict)  # seconds: prefill+latent phase, text phase
 
 
-def left_pad_prompts(prompts: list, pad_id: int):
-    """Left-pad token-id lists so all prompts end in the same column → (ids [B,T], left_pad [B])."""
-    T = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), T), pad_id, dtype=np.int32)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = p
-    return ids, np.array([T - len(p) for p in prompts], dtype=np.int32)
-
-
 def generate(model: Model, prompts: list, latent_id: int, eos_ids, max_tokens: int = 64,
              pad_id: int = 0, sampler: Optional[Callable] = None, feedback: bool = True,
              return_thoughts: bool = False, on_token: Optional[Callable] = None,
@@ -87,7 +79,8 @@ def generate(model: Model, prompts: list, latent_id: int, eos_ids, max_tokens: i
     called with the [B] ids of each decoded step (for streaming); `on_thoughts(thoughts, mask)` once
     between the latent and the text phase (needs return_thoughts; not timed)."""
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-    ids, left_pad = left_pad_prompts(prompts, pad_id)
+    batch = collate_prompts(prompts, pad_id)  # left-padded: every prompt ends in the last column
+    ids, left_pad = batch["input_ids"], batch["left_pad"]
     latent_mask = ids == latent_id
     B, T = ids.shape
     # No padded row (bs=1, equal lengths): no mask and scalar positions, like mlx-lm; the per-row

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import coconut
-from .data import FormatConfig, SpecialIds, format_record
+from .checkpoint import eos_ids
+from .data import format_record
 
 
 def extract_answer(text: str) -> str:
@@ -47,19 +48,6 @@ class EvalResults:
                 "mean_generated_tokens": self.mean_generated_tokens, "seconds": self.seconds}
 
 
-def special_ids(tokenizer, settings) -> SpecialIds:
-    ids = settings.latent_ids or {}
-    return SpecialIds(ids.get("start", -1), ids.get("latent", -1), ids.get("end", -1),
-                      int(tokenizer.eos_token_id))
-
-
-def format_config(settings, stage: Optional[int] = None) -> FormatConfig:
-    """The prompt form a model trained with `settings` expects (no uniform mixing at eval, as official)."""
-    return FormatConfig(mode=settings.mode, stage=settings.stage if stage is None else stage,
-                        c_thought=settings.c_thought, max_latent_stage=settings.max_latent_stage,
-                        pad_latent_to_max=settings.pad_latent_to_max, uniform_prob=0.0)
-
-
 def evaluate(model, tokenizer=None, settings=None, records=None, batch_size: int = 8,
              max_tokens: int = 64, stage: Optional[int] = None, sampler: Optional[Callable] = None,
              progress: Optional[Callable] = None) -> EvalResults:
@@ -74,10 +62,10 @@ def evaluate(model, tokenizer=None, settings=None, records=None, batch_size: int
         tokenizer = tokenizer or model.tokenizer
         settings = settings or model.settings
         model = model.model
-    ids = special_ids(tokenizer, settings)
-    config = format_config(settings, stage)
+    ids = settings.special_ids(tokenizer)
+    config = settings.format_config(stage)
     feedback = settings.mode != "pause"
-    eos = sorted(set(getattr(tokenizer, "eos_token_ids", None) or [ids.eos]))
+    eos = eos_ids(tokenizer)
     examples = [format_record(r, tokenizer, config, ids) for r in records]
     order = sorted(range(len(records)), key=lambda i: len(examples[i].prompt_ids))  # less padding
     out = [None] * len(records)
