@@ -86,15 +86,20 @@ def evaluate(model, tokenizer=None, settings=None, records=None, batch_size: int
                       "finished": gen.finished[j]}
         if progress is not None:
             progress(min(b + batch_size, len(order)))
-    seconds = time.perf_counter() - start
-    n = max(len(out), 1)
+    settings = {"mode": config.mode, "stage": config.stage, "c_thought": config.c_thought}
+    return summarize(out, time.perf_counter() - start, settings)
+
+
+def summarize(examples: list, seconds: float, settings: dict) -> EvalResults:
+    """Accuracy, CoT match and mean generated tokens over per-record results."""
+    n = max(len(examples), 1)
     return EvalResults(
-        examples=out,
-        accuracy=sum(e["correct"] for e in out) / n,
-        cot_match=sum(e["cot_match"] for e in out) / n,
-        mean_generated_tokens=sum(e["n_generated"] for e in out) / n,
+        examples=examples,
+        accuracy=sum(e["correct"] for e in examples) / n,
+        cot_match=sum(e["cot_match"] for e in examples) / n,
+        mean_generated_tokens=sum(e["n_generated"] for e in examples) / n,
         seconds=seconds,
-        settings={"mode": config.mode, "stage": config.stage, "c_thought": config.c_thought},
+        settings=settings,
     )
 
 
@@ -109,12 +114,4 @@ def evaluate_sharded(dist, model, tokenizer, settings, records, **kwargs) -> Eva
         e["index"] += start
     parts = dist.gather_json({"examples": part.examples, "seconds": part.seconds}, "the evaluation")
     out = [e for p in parts for e in p["examples"]]
-    n = max(len(out), 1)
-    return EvalResults(
-        examples=out,
-        accuracy=sum(e["correct"] for e in out) / n,
-        cot_match=sum(e["cot_match"] for e in out) / n,
-        mean_generated_tokens=sum(e["n_generated"] for e in out) / n,
-        seconds=max(p["seconds"] for p in parts),
-        settings=part.settings,
-    )
+    return summarize(out, max(p["seconds"] for p in parts), part.settings)
