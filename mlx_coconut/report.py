@@ -260,6 +260,7 @@ def read_curves(run) -> dict:
 def plot_runs(runs, out) -> Path:
     """Loss (and validation loss) and validation accuracy over optimizer steps, one colour per run.
     Runs are laid end to end (stage 1 starts where stage 0 ended), as the curriculum runs them."""
+    curves = [read_curves(r) for r in runs]  # bad run directories are reported before a missing extra
     try:
         import matplotlib
     except ImportError:
@@ -268,7 +269,6 @@ def plot_runs(runs, out) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [read_curves(r) for r in runs]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0
     for i, c in enumerate(curves):
