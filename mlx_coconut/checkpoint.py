@@ -163,10 +163,11 @@ class ExtraRows(nn.Module):
         rows = base_rows(base, self._ids)
         self.extra = rows.astype(mx.float32) if rows.dtype not in (mx.float32, mx.bfloat16,
                                                                      mx.float16) else rows
-        # one-hot [n, V] selector to put the new rows' logits into their columns (differentiable)
-        V = self._num_rows()
-        self._onehot = (mx.arange(V)[None, :] == mx.array(self._ids)[:, None])
-        self._is_new = self._onehot.any(axis=0)
+        # The new tokens are appended in order, so their ids are normally one contiguous run [a, b):
+        # then the head writes only those n logit columns (a slice update, no full-vocab work beyond
+        # the frozen base matmul) and the embedding picks rows with one gather + one where.
+        a = min(self._ids)
+        self._span = (a, a + len(self._ids)) if self._ids == list(range(a, a + len(self._ids))) else None
 
     def _num_rows(self):
         w = self.base.weight
@@ -174,14 +175,24 @@ class ExtraRows(nn.Module):
 
     def _embed(self, ids):
         h = self.base(ids)
+        if self._span is not None:
+            a, b = self._span
+            rows = self.extra[mx.clip(ids - a, 0, b - a - 1)].astype(h.dtype)
+            return mx.where(((ids >= a) & (ids < b))[..., None], rows, h)
         for k, i in enumerate(self._ids):
             h = mx.where((ids == i)[..., None], self.extra[k].astype(h.dtype), h)
         return h
 
     def _project(self, x):
-        base = self.base.as_linear(x) if not self._head else self.base(x)
-        new = (x @ self.extra.astype(x.dtype).T) @ self._onehot.astype(x.dtype)
-        return mx.where(self._is_new, new, base)
+        logits = self.base.as_linear(x) if not self._head else self.base(x)
+        new = (x @ self.extra.astype(x.dtype).T).astype(logits.dtype)  # [..., n]: the new columns
+        if self._span is not None:
+            a, b = self._span
+            logits[..., a:b] = new
+        else:
+            for k, i in enumerate(self._ids):
+                logits[..., i:i + 1] = new[..., k:k + 1]
+        return logits
 
     def __call__(self, x):
         return self._project(x) if self._head else self._embed(x)

@@ -32,6 +32,7 @@ from .data import FormatConfig, MODES, SpecialIds, collate, format_record, load_
 from .errors import UserError
 from .evaluate import evaluate, evaluate_sharded
 
+POOL_BATCHES = 16  # latent stages: batches grouped by latent start within pools of this many
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -330,7 +331,21 @@ def epoch_batches(records, tokenizer, fcfg: FormatConfig, ids: SpecialIds, cfg: 
     rng = random.Random(cfg.seed * 1_000_003 + epoch)
     examples = [format_record(records[i], tokenizer, fcfg, ids, rng) for i in order]
     examples = [e for e in examples if len(e.input_ids) <= cfg.max_seq_length]
-    return [examples[i:i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
+    bs = cfg.batch_size
+    if any(e.latent_start >= 0 for e in examples) and bs > 1:
+        # Latent stages: the collator left-pads every row so the first latents share a column, so a
+        # batch is as wide as its longest question + its longest remainder. Group by that column:
+        # sort each pool of POOL_BATCHES shuffled batches by latent start (then length), cut it into
+        # batches and shuffle their order (seeded by (seed, epoch): --resume sees the same batches).
+        pool = bs * POOL_BATCHES
+        order_rng = np.random.default_rng([cfg.seed, epoch, 1])
+        grouped = []
+        for p in range(0, len(examples), pool):
+            chunk = sorted(examples[p:p + pool], key=lambda e: (e.latent_start, len(e.input_ids)))
+            cut = [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
+            grouped += [cut[i] for i in order_rng.permutation(len(cut))]
+        return grouped
+    return [examples[i:i + bs] for i in range(0, len(examples), bs)]
 
 
 def make_batch(examples, pad_id: int, latent_id: int, bucket: int, latent_align: int = 8) -> dict:

@@ -8,7 +8,9 @@ the removed steps). Also: the inference cost of one continuous thought (a cached
 fed-back column, no output head) vs one decoded token (a cached forward + head + argmax).
 Note: stage 1 drops the first reasoning step from the labels, so "per supervised token" also counts
 the curriculum's smaller supervision; "per input token" (non-pad columns, thoughts included) isolates
-the cost of the latent loop itself. Both are printed.
+the cost of the latent loop itself. Both are printed. `--pool N` also counts computed columns over N
+records batched as `train.epoch_batches` does (latent stages grouped by latent start) vs plain shuffled
+batches, and estimates per supervised token from the measured per-column ratio.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python scripts/bench_latent.py
 """
@@ -67,6 +69,9 @@ def main(argv=None):
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="LoRA of this rank on every projection (the product's checkpoint.apply_lora) "
                    "instead of full-weight gradients")
+    p.add_argument("--pool", type=int, default=128, metavar="N",
+                   help="also count computed columns over N records batched as train.py does "
+                   "(stage 1 grouped by latent start) vs a plain shuffled split (0: skip)")
     args = p.parse_args(argv)
 
     from mlx_coconut.checkpoint import load_tokenizer
@@ -102,6 +107,8 @@ def main(argv=None):
               f"{int(latent.sum())} thoughts in {int(latent.any(0).sum())} latent columns "
               f"({int(latent.any(0).sum()) + 1} passes), {n_sup} supervised tokens")
 
+    pool = pool_columns(records_n=args.pool, bs=args.batch_size, tokenizer=tokenizer, ids=ids) \
+        if args.pool else None
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
     def step(name):
@@ -113,7 +120,7 @@ def main(argv=None):
             mx.eval(loss, ntoks, grads)
             dt = time.perf_counter() - t
             return {"s": dt, "ms_per_tok": dt * 1e3 / ntoks.item(), "ms_per_col": dt * 1e3 / n_real,
-                    "loss": loss.item()}
+                    "ms_per_padcol": dt * 1e3 / x.size, "loss": loss.item()}
         return f
 
     runs = bc.alternate({name: step(name) for name in STAGES}, args.repeats)
@@ -136,7 +143,53 @@ def main(argv=None):
           f"{ms['token']:.2f} ms -> thought/token = {tr:.2f}")
     print(f"RATIO stage-1/stage-0 time per supervised token = {r1:.3f} (goal <= {GOAL}: "
           f"{bc.verdict(r1 <= GOAL)}); per input token {r1c:.3f}")
+    r1col = bc.paired_ratio(runs["stage 1 (c=1)"], runs[base], "ms_per_padcol")
+    print(f"  per computed column (padding included) stage-1/stage-0 = {r1col:.3f}")
+    if pool:
+        g, r = pool["grouped"], pool["shuffled"]
+        print(f"  pool estimate, train.py batching: per computed column {r1col:.3f} x columns "
+              f"{g['cols']:.3f} x supervised-token drop {g['sup']:.3f} = "
+              f"{r1col * g['cols'] * g['sup']:.3f} per supervised token (plain shuffled batches: "
+              f"{r1col * r['cols'] * r['sup']:.3f})")
     return {"ratio": r1, "ratio_per_input_token": r1c, "thought_token": tr}
+
+
+def pool_columns(records_n, bs, tokenizer, ids):
+    """Computed columns (sum of batch x width after the official collate) and supervised tokens of
+    stage 1 over stage 0, on the first `records_n` records split into batches of `bs` by
+    `train.epoch_batches` (stage 1: grouped by latent start) and by a plain shuffled split."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from mlx_coconut.data import FormatConfig, collate, format_record
+    from mlx_coconut.train import epoch_batches
+
+    records = bc.read_gsm8k(records_n)
+    cfg = SimpleNamespace(seed=0, batch_size=bs, max_seq_length=10**9)
+    out = {}
+    for how in ("shuffled", "grouped"):
+        tot = {}
+        for stage in (0, 1):
+            fcfg = FormatConfig(mode="coconut" if stage else "cot", stage=stage, c_thought=1,
+                                max_latent_stage=3)
+            if how == "grouped":
+                batches = epoch_batches(records, tokenizer, fcfg, ids, cfg, 0)
+            else:
+                order = np.random.default_rng([0, 0]).permutation(len(records))
+                ex = [format_record(records[i], tokenizer, fcfg, ids) for i in order]
+                batches = [ex[i:i + bs] for i in range(0, len(ex), bs)]
+            cols = sup = 0
+            for b in batches:
+                c = collate(b, ids.eos)
+                cols += c["input_ids"].size
+                sup += int((c["labels"][:, 1:] != -100).sum())
+            tot[stage] = (cols, sup)
+        out[how] = {"cols": tot[1][0] / tot[0][0], "sup": tot[0][1] / tot[1][1]}
+        print(f"pool of {len(records)} records, {how} batches of {bs}: computed columns stage 0 "
+              f"{tot[0][0]}, stage 1 {tot[1][0]} (x{out[how]['cols']:.3f}); supervised tokens "
+              f"{tot[0][1]} -> {tot[1][1]} (/{out[how]['sup']:.3f})")
+    return out
 
 
 if __name__ == "__main__":
