@@ -47,16 +47,36 @@ def continuous_forward(model: Model, input_ids, latent_mask: np.ndarray, left_pa
     return mx.concatenate(hidden, axis=1) if len(hidden) > 1 else hidden[0]
 
 
+LOSS_CHUNK = 512  # positions (of the flattened B x T) per logits chunk in loss_fn
+
+
 def loss_fn(model: Model, input_ids, labels, latent_mask: np.ndarray, left_pad=None,
-            feedback: bool = True):
-    """Mean cross-entropy over shifted labels != -100 → (loss, number of supervised tokens)."""
+            feedback: bool = True, chunk: Optional[int] = None):
+    """Mean cross-entropy over shifted labels != -100 → (loss, number of supervised tokens).
+
+    The output head runs `chunk` positions at a time, each chunk under `mx.checkpoint` (its logits
+    recomputed in the backward pass), so the [B, T, V] fp32 logits, softmax and logit gradient never
+    exist at once: at a 128k vocabulary they would take ~3.4 MB per token. `chunk` defaults to
+    LOSS_CHUNK."""
+    chunk = chunk or LOSS_CHUNK
     hidden = continuous_forward(model, input_ids, latent_mask, left_pad, feedback=feedback)
-    logits = model.logits(hidden[:, :-1]).astype(mx.float32)
-    targets = mx.array(labels)[:, 1:]
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = mx.array(labels)[:, 1:].reshape(-1)
     valid = targets != IGNORE
-    ce = nn.losses.cross_entropy(logits, mx.where(valid, targets, 0)) * valid
+    targets = mx.where(valid, targets, 0)
+    head = model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
+
+    def chunk_ce(lo):  # the head's parameters are inputs, so their gradients flow; labels constant
+        t, v = targets[lo:lo + chunk], valid[lo:lo + chunk]
+
+        def ce(params, h):
+            head.update(params)
+            return (nn.losses.cross_entropy(model.logits(h).astype(mx.float32), t) * v).sum()
+        return mx.checkpoint(ce)(head.trainable_parameters(), hidden[lo:lo + chunk])
+
+    total = sum(chunk_ce(lo) for lo in range(0, hidden.shape[0], chunk))
     ntoks = valid.sum()
-    return ce.sum() / mx.maximum(ntoks, 1), ntoks
+    return total / mx.maximum(ntoks, 1), ntoks
 
 
 @dataclass

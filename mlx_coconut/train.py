@@ -421,30 +421,50 @@ def setup_model(cfg: TrainConfig, init_run: Optional[dict], log):
 
 
 def enable_grad_checkpoint(model):
-    """Recompute each block's MLP in the backward pass instead of storing its activations (the
-    3 x intermediate-size tensors are most of a block's activation memory). Attention is left alone:
-    it writes the KV cache the latent loop reuses, so recomputing it would replay those writes."""
-    mlp = type(model.layers[0].mlp)
-    if getattr(mlp, "_coconut_ckpt", False):
+    """Recompute each whole transformer block (attention and MLP) in the backward pass instead of
+    storing its activations. The latent loop writes the KV cache pass by pass, so the layer's key /
+    value buffers go in and out of the checkpointed function explicitly: the recompute (which runs
+    after later passes) writes at its own pass's offset into its own pass's buffers, and gradients
+    still reach the keys/values of earlier passes."""
+    block = type(model.layers[0])
+    if getattr(block, "_coconut_ckpt", False):
         return
-    fn = mlp.__call__
+    fn = block.__call__
 
-    def checkpointed(self, x):
-        def inner(params, x):
+    def checkpointed(self, x, mask, positions, cache, layer):
+        if cache is None:
+            def inner(params, x):
+                self.update(params)
+                return fn(self, x, mask, positions, cache, layer)
+            return mx.checkpoint(inner)(self.trainable_parameters(), x)
+        off = cache.offset
+        if cache.keys[layer] is None:  # allocate the buffers outside, so they can be inputs
+            at = self.self_attn
+            empty = mx.zeros((x.shape[0], at.n_kv_heads, 0, at.head_dim), x.dtype)
+            cache._grow(layer, empty, empty, off + x.shape[1])
+
+        def inner(params, x, k_buf, v_buf):
             self.update(params)
-            return fn(self, x)
-        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+            cache.keys[layer], cache.values[layer] = k_buf, v_buf
+            saved, cache.offset = cache.offset, off
+            out = fn(self, x, mask, positions, cache, layer)
+            cache.offset = saved
+            return out, cache.keys[layer], cache.values[layer]
 
-    mlp._coconut_call = fn
-    mlp.__call__ = checkpointed
-    mlp._coconut_ckpt = True
+        out, cache.keys[layer], cache.values[layer] = mx.checkpoint(inner)(
+            self.trainable_parameters(), x, cache.keys[layer], cache.values[layer])
+        return out
+
+    block._coconut_call = fn
+    block.__call__ = checkpointed
+    block._coconut_ckpt = True
 
 
 def disable_grad_checkpoint(model):
-    mlp = type(model.layers[0].mlp)
-    if getattr(mlp, "_coconut_ckpt", False):
-        mlp.__call__ = mlp._coconut_call
-        mlp._coconut_ckpt = False
+    block = type(model.layers[0])
+    if getattr(block, "_coconut_ckpt", False):
+        block.__call__ = block._coconut_call
+        block._coconut_ckpt = False
 
 
 # ---------------------------------------------------------------- the step

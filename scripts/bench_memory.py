@@ -5,8 +5,9 @@ Shape: 32 layers, hidden 4096, MLP 14336, 32 query / 8 kv heads (head_dim 128), 
 materialised one array at a time directly in the target format (bf16, or 4-bit QLoRA with bf16
 scales), so no fp32 copy of the model ever exists. The step is the product's: `tokens`-style new rows
 + `checkpoint.apply_lora` (LoRA rank --rank on every projection, trainable latent-token rows),
-`checkpoint.quantize_base` for QLoRA, `train.enable_grad_checkpoint`, `train.Stepper` (loss+grad
-over `coconut.loss_fn`, one latent column = 2 passes) and an AdamW update.
+`checkpoint.quantize_base` for QLoRA, `train.enable_grad_checkpoint` (whole blocks recomputed),
+`train.Stepper` (loss+grad over `coconut.loss_fn`, its head in checkpointed chunks of --loss-chunk
+positions; one latent column = 2 passes) and an AdamW update.
 Peak = `mx.get_peak_memory()` over the step, weights included (reset after the weights are built).
 
 Each measurement runs in a fresh subprocess. `--layers 2,4` builds shallower copies and extrapolates
@@ -84,51 +85,12 @@ def stage1_batch(batch: int, seq: int, new_ids, seed: int = 0):
             "latent_mask": ids == new_ids[1], "ntokens": batch * seq}
 
 
-def block_grad_checkpoint(model):
-    """`--checkpoint block`: recompute the WHOLE block (attention too) in the backward pass, with the
-    layer's KV buffers passed in and out of the checkpointed function explicitly, so the recompute
-    sees the columns of its own pass and gradients still reach earlier passes' keys/values (equal
-    to the un-checkpointed gradients on a tiny model). The product (`train.enable_grad_checkpoint`)
-    recomputes only the MLP; this measures what full-block checkpointing would save."""
-    import mlx.core as mx
-    block = type(model.layers[0])
-    if getattr(block, "_coconut_ckpt", False):
-        return
-    fn = block.__call__
-
-    def checkpointed(self, x, mask, positions, cache, layer):
-        if cache is None:
-            def inner(params, x):
-                self.update(params)
-                return fn(self, x, mask, positions, cache, layer)
-            return mx.checkpoint(inner)(self.trainable_parameters(), x)
-        off = cache.offset
-        if cache.keys[layer] is None:  # allocate the buffers outside, so they can be inputs
-            at = self.self_attn
-            empty = mx.zeros((x.shape[0], at.n_kv_heads, 0, at.head_dim), x.dtype)
-            cache._grow(layer, empty, empty, off + x.shape[1])
-
-        def inner(params, x, k_buf, v_buf):
-            self.update(params)
-            cache.keys[layer], cache.values[layer] = k_buf, v_buf
-            saved, cache.offset = cache.offset, off  # the recompute runs after later passes
-            out = fn(self, x, mask, positions, cache, layer)
-            cache.offset = saved
-            return out, cache.keys[layer], cache.values[layer]
-
-        out, cache.keys[layer], cache.values[layer] = mx.checkpoint(inner)(
-            self.trainable_parameters(), x, cache.keys[layer], cache.values[layer])
-        return out
-
-    block.__call__ = checkpointed
-    block._coconut_ckpt = True
-
-
 def worker(a):
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
+    from mlx_coconut import coconut
     from mlx_coconut.train import Stepper, enable_grad_checkpoint
 
     t0 = time.perf_counter()
@@ -140,10 +102,9 @@ def worker(a):
         print(json.dumps({"layers": a.layers, "base": a.base, "weights_bytes": weights,
                           "trainable": trainable, "peak_bytes": mx.get_peak_memory()}))
         return
+    coconut.LOSS_CHUNK = a.loss_chunk
     if a.checkpoint == "product":
-        enable_grad_checkpoint(model)  # the product's: the MLP is recomputed
-    elif a.checkpoint == "block":
-        block_grad_checkpoint(model)
+        enable_grad_checkpoint(model)  # the product's: whole blocks recomputed
     model.train()
     opt = optim.AdamW(learning_rate=1e-4, weight_decay=0.01)
     batch = stage1_batch(a.batch, a.seq, new_ids)
@@ -164,7 +125,7 @@ def worker(a):
 def run_worker(layers, base, batch, seq, a, weights_only=False):
     cmd = [sys.executable, __file__, "--worker", "--layers", str(layers), "--base", base,
            "--batch", str(batch), "--seq", str(seq), "--rank", str(a.rank)]
-    cmd += ["--checkpoint", a.checkpoint, "--shape", a.shape]
+    cmd += ["--checkpoint", a.checkpoint, "--shape", a.shape, "--loss-chunk", str(a.loss_chunk)]
     if weights_only:
         cmd.append("--weights-only")
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -192,9 +153,13 @@ def main(argv=None):
     p.add_argument("--measure-tokens", default=None,
                    help="two token counts 'a,b' measured at batch 1 and extrapolated to batch*seq")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--checkpoint", default="product", choices=["product", "block", "none"],
-                   help="gradient checkpointing: product = train.enable_grad_checkpoint (MLP "
-                   "recomputed), block = whole block recomputed (KV buffers threaded through), none")
+    p.add_argument("--checkpoint", default="product", choices=["product", "none"],
+                   help="gradient checkpointing: product = train.enable_grad_checkpoint (whole "
+                   "blocks recomputed), none")
+    p.add_argument("--loss-chunk", type=int, default=None,
+                   help="positions per checkpointed head chunk in coconut.loss_fn (default: the "
+                   "product's LOSS_CHUNK); a per-token extrapolation is only valid from token counts "
+                   "of at least one chunk (below, the whole head is one chunk and grows per token)")
     p.add_argument("--qlora-from-bf16", action="store_true",
                    help="QLoRA: build the 4-bit model (weights measured) but take activations and "
                    "temporaries from the bf16 step instead of running the 4-bit step (CPU: 4-bit "
@@ -204,6 +169,9 @@ def main(argv=None):
     p.add_argument("--worker", action="store_true", help=argparse_hidden())
     p.add_argument("--weights-only", action="store_true", help=argparse_hidden())
     a = p.parse_args(argv)
+    if a.loss_chunk is None:
+        from mlx_coconut.coconut import LOSS_CHUNK
+        a.loss_chunk = LOSS_CHUNK
     if a.worker:
         a.layers = int(a.layers)
         return worker(a)
@@ -215,7 +183,8 @@ def main(argv=None):
     tokens = [int(x) for x in a.measure_tokens.split(",")] if a.measure_tokens else None
     target_tokens = a.batch * a.seq
     print(f"target: {a.full_layers} layers, batch {a.batch} x {a.seq} tokens, LoRA rank {a.rank}, "
-          f"gradient checkpointing: {a.checkpoint}, bf16 activations")
+          f"gradient checkpointing: {a.checkpoint}, head chunks of {a.loss_chunk} positions, "
+          f"bf16 activations")
     results, weights = {}, {}
     bases = a.base.split(",")
     if a.qlora_from_bf16 and "qlora" in bases:

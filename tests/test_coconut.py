@@ -134,6 +134,33 @@ def smollm2(request):
 SMOL_LATENT = 33691  # `<<` stands in for <|latent|>: the loop only needs to know which columns are thoughts
 
 
+@pytest.mark.parametrize("variant", ["untied", "tied", "lora"])
+def test_chunked_loss_equals_unchunked(variant):
+    """loss_fn's checkpointed per-chunk head (chunks of 5 positions, across rows) = one big chunk,
+    loss and every gradient (head, LoRA and new-token rows included)."""
+    from mlx_coconut import checkpoint as ckpt
+    model = tiny_model(seed=5, tie_word_embeddings=variant == "tied")
+    if variant == "lora":
+        ckpt.apply_lora(model, {"rank": 4, "scale": 20.0, "dropout": 0.0, "layers": 0,
+                                "quantization": None}, (START, LATENT, END))
+        mx.eval(model.parameters())
+    rng = np.random.default_rng(5)
+    ids, labels, left_pad = collate([make_example(5, 2, 7, rng)[:2], make_example(9, 2, 4, rng)[:2]])
+    latent_mask = ids == LATENT
+
+    def loss(m, chunk):
+        return loss_fn(m, mx.array(ids), mx.array(labels), latent_mask, left_pad, chunk=chunk)[0]
+
+    l_big, g_big = nn.value_and_grad(model, lambda m: loss(m, 10 ** 9))(model)
+    l_small, g_small = nn.value_and_grad(model, lambda m: loss(m, 5))(model)
+    g_big, g_small = dict(tree_flatten(g_big)), dict(tree_flatten(g_small))
+    assert ids.size > 3 * 5 and g_big.keys() == g_small.keys()
+    assert abs(float(l_big) - float(l_small)) < 1e-6
+    assert max(max_diff(g_big[k], g_small[k]) for k in g_big) < 1e-6
+    head = "model.embed_tokens" if variant == "tied" else "lm_head"
+    assert any(k.startswith(head) and float(mx.abs(g).max()) > 0 for k, g in g_small.items())
+
+
 def test_matches_naive_reference_on_smollm2(smollm2):
     ids, labels, _ = make_example(6, 2, 4, np.random.default_rng(3), ids=(1, SMOL_LATENT, 2, 2))
     _check_against_naive(smollm2, ids, labels, latent_id=SMOL_LATENT, tol=1e-4)

@@ -434,13 +434,14 @@ def test_compiled_step_equals_eager_for_every_latent_layout(tiny):
         seen.add(tuple(cols))
         eager = eager_stepper(batch)
         compiled = compiled_stepper(batch)
-        train.enable_grad_checkpoint(loaded.model)
+        train.enable_grad_checkpoint(loaded.model)  # whole blocks recomputed, KV cache threaded
         try:
             recomputed = train.Stepper(loaded.model, True, use_compile=False)(batch)
+            recomputed_compiled = train.Stepper(loaded.model, True, use_compile=True)(batch)
         finally:
             train.disable_grad_checkpoint(loaded.model)
         ge = dict(tree_flatten(eager[2]))
-        for other in (compiled, recomputed):
+        for other in (compiled, recomputed, recomputed_compiled):
             assert abs(eager[0].item() - other[0].item()) < 1e-5
             go = dict(tree_flatten(other[2]))
             assert all(mx.allclose(ge[k], go[k], atol=1e-5).item() for k in ge)
