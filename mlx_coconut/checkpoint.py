@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .data import FormatConfig, SpecialIds
 from .errors import UserError
-from .tokens import LATENT_TOKENS
+from .tokens import LATENT_TOKENS, base_rows
 from .model import Model, load_model
 
 RUN_FILE = "coconut.json"
@@ -43,9 +43,9 @@ class Settings:
     """How the model was trained, hence how to prompt it (question only, or + k·c thoughts)."""
     mode: str = "cot"               # cot | coconut | no-cot | pause
     stage: int = 0
-    c_thought: int = 1
-    max_latent_stage: int = 3
-    pad_latent_to_max: bool = False
+    c_thought: int = FormatConfig.c_thought
+    max_latent_stage: int = FormatConfig.max_latent_stage
+    pad_latent_to_max: bool = FormatConfig.pad_latent_to_max
     latent_ids: Optional[dict] = None  # {"start": id, "latent": id, "end": id} when the tokens exist
     extra: dict = field(default_factory=dict)
 
@@ -209,15 +209,6 @@ def _set_rows(w, ids, rows):
     w = mx.array(w)
     w[mx.array(ids)] = rows.astype(w.dtype)
     return w
-
-
-def base_rows(layer, ids) -> mx.array:
-    """Rows `ids` of an Embedding/Linear weight, dequantized if needed."""
-    idx = mx.array(ids)
-    if isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
-        b = layer.biases[idx] if layer.biases is not None else None
-        return mx.dequantize(layer.weight[idx], layer.scales[idx], b, layer.group_size, layer.bits)
-    return layer.weight[idx]
 
 
 def apply_lora(model: Model, lora: dict, new_ids) -> Model:

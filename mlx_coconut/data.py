@@ -323,7 +323,7 @@ class FormatConfig:
     stage: int = 0
     c_thought: int = 1
     max_latent_stage: int = 3
-    pad_latent_to_max: bool = False
+    pad_latent_to_max: bool = True  # as every official config
     uniform_prob: float = 0.0
 
     def __post_init__(self):

@@ -110,3 +110,43 @@ def add_latent_tokens(model, tokenizer) -> LatentTokens:
                 holder.vocab_size = n
         mx.eval(model.parameters())
     return tokens
+
+
+def base_rows(layer, ids) -> mx.array:
+    """Rows `ids` of an Embedding/Linear weight, dequantized if needed."""
+    idx = mx.array(ids)
+    if isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
+        b = layer.biases[idx] if layer.biases is not None else None
+        return mx.dequantize(layer.weight[idx], layer.scales[idx], b, layer.group_size, layer.bits)
+    return layer.weight[idx]
+
+
+def _copy_row(layer, ids, src_id):
+    """Rows `ids` := row `src_id` of an Embedding/Linear, or of the trainable rows of a LoRA model's
+    ExtraRows (whose frozen base holds the source row)."""
+    if hasattr(layer, "extra"):  # checkpoint.ExtraRows: the new rows train apart from the frozen base
+        src = base_rows(layer.base, [src_id]).astype(layer.extra.dtype)
+        layer.extra = mx.broadcast_to(src, layer.extra.shape)
+        return
+    if isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
+        parts = ["weight", "scales"] + (["biases"] if layer.biases is not None else [])
+    else:
+        parts = ["weight"]
+    idx = mx.array(ids)
+    for name in parts:
+        p = mx.array(getattr(layer, name))
+        p[idx] = mx.broadcast_to(p[src_id], (len(ids), *p.shape[1:]))
+        setattr(layer, name, p)
+
+
+def reset_latent_rows(model, tokenizer, tokens: LatentTokens):
+    """Re-initialise the three tokens' input (and untied output) rows from the model's current `<<`
+    row. The official CoT run has no latent tokens: they are created from `<<` when the first latent
+    stage loads it. Ours exist from stage 0 on, where the tied head pushes their logits down as
+    never-target classes, so a latent stage starting from a CoT run resets them to match."""
+    src = init_token_id(tokenizer)
+    _copy_row(model.model.embed_tokens, list(tokens.ids), src)
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        _copy_row(head, list(tokens.ids), src)
+    mx.eval(model.parameters())

@@ -33,6 +33,7 @@ from .errors import UserError
 from .evaluate import evaluate, evaluate_sharded
 
 POOL_BATCHES = 16  # latent stages: batches grouped by latent start within pools of this many
+RESET_CHOICES = ("epoch", "stage", "never")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     pad_latent_to_max: Optional[bool] = None
     uniform_prob: Optional[float] = None
     # optimisation
+    reset_optimizer: Optional[str] = None  # epoch | stage | never (None: epoch for latent modes)
     epochs: Optional[int] = None
     batch_size: Optional[int] = None
     learning_rate: Optional[float] = None
@@ -85,8 +87,9 @@ class TrainConfig:
 
 
 DEFAULTS = dict(
-    samples=None, eval_samples=32, c_thought=1, max_latent_stage=3, pad_latent_to_max=False,
-    uniform_prob=0.0, epochs=3, batch_size=8, learning_rate=1e-4, weight_decay=0.01,
+    samples=None, eval_samples=32, c_thought=FormatConfig.c_thought,
+    max_latent_stage=FormatConfig.max_latent_stage, pad_latent_to_max=FormatConfig.pad_latent_to_max,
+    uniform_prob=FormatConfig.uniform_prob, epochs=3, batch_size=8, learning_rate=1e-4, weight_decay=0.01,
     grad_accumulation_steps=1, grad_checkpoint=False, max_seq_length=1024, seed=0, dtype=None,
     lora=False, lora_rank=8, lora_scale=20.0, lora_layers=0, lora_dropout=0.0, q_bits=None,
     q_group_size=64, save_every=500, max_new_tokens=64, synth_samples=1000, compile=True, bucket=32,
@@ -197,6 +200,7 @@ def resolve(config: TrainConfig) -> tuple:
     cfg = TrainConfig(**values)
     if cfg.mode is None:
         cfg.mode = "cot" if cfg.stage == 0 else "coconut"
+    cfg.reset_optimizer = reset_cadence(cfg)
     if cfg.dtype is None:
         cfg.dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
     validate(cfg)
@@ -225,6 +229,8 @@ def validate(cfg: TrainConfig):
         raise UserError("-q/--q-bits quantizes the frozen base for QLoRA: add --lora")
     if cfg.q_bits is not None and cfg.q_bits not in (2, 3, 4, 5, 6, 8):
         raise UserError(f"--q-bits {cfg.q_bits}: choose from 2, 3, 4, 5, 6, 8")
+    if cfg.reset_optimizer not in RESET_CHOICES:
+        raise UserError(f"--reset-optimizer {cfg.reset_optimizer}: choose from {', '.join(RESET_CHOICES)}")
     if cfg.learning_rate <= 0:
         raise UserError("--learning-rate must be > 0")
 
@@ -373,7 +379,7 @@ def make_batch(examples, pad_id: int, latent_id: int, bucket: int, latent_align:
 def setup_model(cfg: TrainConfig, init_run: Optional[dict], log):
     """Load weights (model dir or run dir), add the latent tokens, apply LoRA/QLoRA.
     → (model, tokenizer, ids, run-record fields)."""
-    from .tokens import add_latent_tokens
+    from .tokens import INIT_TOKEN, LatentTokens, add_latent_tokens, reset_latent_rows
 
     dtype = DTYPES[cfg.dtype]
     source = Path(cfg.init or cfg.model)
@@ -411,6 +417,12 @@ def setup_model(cfg: TrainConfig, init_run: Optional[dict], log):
                             f"fine-tuned: add --lora (QLoRA)")
         ids = add_latent_tokens(model, tokenizer).ids
         weights = "full"
+    source_run = init_run or ckpt.read_run(source)
+    source_mode = ((source_run or {}).get("settings") or {}).get("mode")
+    if cfg.mode in ("coconut", "pause") and source_mode in ("cot", "no-cot"):
+        reset_latent_rows(model, tokenizer, LatentTokens(*ids))
+        log(f"latent tokens: rows re-initialised from '{INIT_TOKEN}' (first latent stage after a "
+            f"{source_mode} run)")
     mx.eval(model.parameters())
     eos = int(tokenizer.eos_token_id)
     special = SpecialIds(ids[0], ids[1], ids[2], eos)
@@ -657,15 +669,16 @@ def train_stage(config: TrainConfig, log=print) -> dict:
     run_record["config"]["resume"] = False
     run_record["config"]["stop_after_steps"] = None
 
-    # AdamW as official (lr 1e-4, wd 0.01); a fresh optimizer for every stage (--init)
-    optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    optimizer.init(model.trainable_parameters())
+    reset = reset_cadence(cfg)
+    optimizer = make_optimizer(model, cfg)
     step, start_epoch, start_batch = 0, 0, 0
     if resume_state:
         set_optimizer_state(optimizer, opt_state)
         step, start_epoch, start_batch = (resume_state["step"], resume_state["epoch"],
                                           resume_state["batch"])
         log(f"resuming {out} at step {step} (epoch {start_epoch + 1}, batch {start_batch})")
+    elif reset == "never" and init_run is not None:  # carry the --init run's moments and step count
+        set_optimizer_state(optimizer, ckpt.load_optimizer_state(cfg.init)[0])
 
     n_params = sum(v.size for _, v in _flat(model.trainable_parameters()))
     if dist.enabled:
@@ -701,6 +714,8 @@ def train_stage(config: TrainConfig, log=print) -> dict:
         for epoch in range(start_epoch, cfg.epochs):
             batches = epoch_batches(records, tokenizer, fcfg, special, cfg, epoch)
             first = start_batch if epoch == start_epoch else 0
+            if reset == "epoch" and epoch > 0 and first == 0:  # official reset_optimizer: every epoch
+                optimizer = make_optimizer(model, cfg)
             bar.desc = f"stage {cfg.stage} epoch {epoch + 1}/{cfg.epochs}"
             grads, acc_loss, acc_n, acc_toks, t0 = None, 0.0, 0, 0, time.perf_counter()
             group_start = first
@@ -808,6 +823,23 @@ def _check_ranks(dist, model, records, valid, step, cfg, log):
                      "weights_checksum": round(float(total.item()), 3)})
     log(f"data parallel: {dist.size} ranks, global batch {cfg.batch_size} "
         f"(≤ {math.ceil(cfg.batch_size / dist.size)} per rank), gradients all-summed each step")
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    """torch's AdamW, as the official code uses: bias-corrected moments (MLX's default is uncorrected,
+    which makes the first updates after every reset ~3x larger) and decoupled weight decay."""
+    optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                            bias_correction=True)
+    optimizer.init(model.trainable_parameters())
+    return optimizer
+
+
+def reset_cadence(cfg: TrainConfig) -> str:
+    """When the optimizer is re-created: every `epoch` (official latent stages), once per `stage` (a
+    fresh optimizer for each run), or `never` (a run started with --init continues its optimizer)."""
+    if cfg.reset_optimizer is not None:
+        return cfg.reset_optimizer
+    return "stage" if cfg.mode in ("cot", "no-cot") else "epoch"
 
 
 def set_optimizer_state(optimizer, saved: dict):

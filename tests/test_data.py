@@ -140,18 +140,23 @@ def test_past_max_stage_and_asymmetry(text_tok):
     tok, ids = text_tok
     two = _mk(2)
     # past max_latent_stage: every step removed; latents min(n_steps, max) * c unless padded
-    ex = format_record(two, tok, FormatConfig("coconut", stage=4, c_thought=2, max_latent_stage=3), ids)
-    assert ex.n_latents == 4 and "<<" not in tok.decode(ex.input_ids)
     ex = format_record(two, tok, FormatConfig("coconut", stage=4, c_thought=2, max_latent_stage=3,
-                                              pad_latent_to_max=True), ids)
-    assert ex.n_latents == 6 and ex.prompt_ids.count(ids.latent) == 6
+                                              pad_latent_to_max=False), ids)
+    assert ex.n_latents == 4 and "<<" not in tok.decode(ex.input_ids)
+    ex = format_record(two, tok, FormatConfig("coconut", stage=4, c_thought=2, max_latent_stage=3), ids)
+    assert ex.n_latents == 6 and ex.prompt_ids.count(ids.latent) == 6  # padded: the default
     # official asymmetry: at stage k <= max, training uses k*c latents even with fewer steps,
     # the eval prompt caps at n_steps*c (unless pad_latent_to_max)
-    ex = format_record(_mk(1), tok, FormatConfig("coconut", stage=3, c_thought=1), ids)
+    unpadded = FormatConfig("coconut", stage=3, c_thought=1, pad_latent_to_max=False)
+    ex = format_record(_mk(1), tok, unpadded, ids)
     assert ex.n_latents == 3 and ex.prompt_ids.count(ids.latent) == 1
-    # a step-less record at stage 1: one latent in training, none in the prompt
-    ex = format_record(_mk(0), tok, FormatConfig("coconut", stage=1), ids)
+    ex = format_record(_mk(1), tok, FormatConfig("coconut", stage=3, c_thought=1), ids)
+    assert ex.n_latents == 3 and ex.prompt_ids.count(ids.latent) == 3
+    # a step-less record at stage 1: one latent in training, none in the unpadded prompt
+    ex = format_record(_mk(0), tok, FormatConfig("coconut", stage=1, pad_latent_to_max=False), ids)
     assert ex.n_latents == 1 and ex.prompt_ids.count(ids.latent) == 0
+    ex = format_record(_mk(0), tok, FormatConfig("coconut", stage=1), ids)
+    assert ex.n_latents == 1 and ex.prompt_ids.count(ids.latent) == 1
 
 
 def test_uniform_prob_is_seeded(text_tok):

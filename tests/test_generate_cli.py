@@ -106,9 +106,10 @@ def test_api_prompts_batching_and_sampling(stage1):
 
     path, _, v = stage1
     loaded = load(path)
-    # A bare question gets the trained count (stage 1 x c=2); a record is capped at its steps (official eval).
+    # A bare question gets the trained count (stage 1 x c=2); so does a step-less record
+    # (pad_latent_to_max, the official default; unpadded it would be capped at its 0 steps).
     assert prompt_ids(loaded, PROMPT).count(v["<|latent|>"]) == 2
-    assert prompt_ids(loaded, {"question": PROMPT, "steps": [], "answer": "5"}).count(v["<|latent|>"]) == 0
+    assert prompt_ids(loaded, {"question": PROMPT, "steps": [], "answer": "5"}).count(v["<|latent|>"]) == 2
     assert prompt_ids(loaded, {"question": PROMPT, "steps": ["five"], "answer": "5"}).count(v["<|latent|>"]) == 2
     qs = [PROMPT, "what is four plus five and six", "the answer"]
     alone = generate_answers(loaded, qs, max_tokens=5, batch_size=1, return_thoughts=True)

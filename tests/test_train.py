@@ -124,8 +124,9 @@ def test_stage1_from_stage0_resets_optimizer_and_uses_latents(stage0, tiny):
     assert run["config"]["train"] == str(tiny["data"])          # data inherited from --init
     assert run["config"]["learning_rate"] == 2e-3
     opt, state = ckpt.load_optimizer_state(out)
-    # a carried-over optimizer would count stage 0's steps too
-    assert int(opt["step"].item()) == result["steps"] == state["step"]
+    # official reset_optimizer: a fresh AdamW every epoch (2 steps each); a carried-over one would
+    # count stage 0's steps too
+    assert result["steps"] == state["step"] == 30 and int(opt["step"].item()) == 2
     res, loaded = accuracy(out, load_records(tiny["data"]))
     assert loaded.settings.mode == "coconut" and loaded.settings.stage == 1
     assert all(e["n_latents"] == 1 for e in res.examples)       # prompts carry one thought
