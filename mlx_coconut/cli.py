@@ -5,6 +5,7 @@ Every command turns a `UserError` into one line on stderr and exit code 2 (no tr
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -81,15 +82,24 @@ def convert_data(input_path, out, fmt):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSON list.")
 @click.option("--min-steps", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int, default=5, show_default=True)
+@click.option("--ops", default="add,sub,mul,div,ref", show_default=True,
+              help="Step kinds: add, sub, mul, div, ref (reuse the first result). Difficulty knob.")
+@click.option("--max-value", type=int, default=999, show_default=True,
+              help="Bound on every operand and intermediate result. Difficulty knob.")
+@click.option("--exclude", "exclude_files", multiple=True, metavar="FILE",
+              help="Skip questions found in these record files (repeatable): a held-out split.")
 @friendly_errors
-def synth(n, seed, out, min_steps, max_steps):
+def synth(n, seed, out, min_steps, max_steps, ops, max_value, exclude_files):
     """Synthetic word problems with calculator steps (<<a*b=c>>) and integer answers."""
-    from .data import save_records, step_distribution, synth_records
+    from .data import load_records, save_records, step_distribution, synth_records
 
-    records = synth_records(n, seed, min_steps, max_steps)
+    exclude = {r.question for f in exclude_files for r in load_records(f)}
+    records = synth_records(n, seed, min_steps, max_steps, exclude=exclude,
+                            ops=[o.strip() for o in ops.split(",") if o.strip()], max_value=max_value)
     save_records(records, out)
     dist = "  ".join(f"{k}:{v}" for k, v in step_distribution(records).items())
-    click.echo(f"{n} records (steps {dist}) -> {out}")
+    held = f", none of the {len(exclude)} excluded questions" if exclude else ""
+    click.echo(f"{n} records (steps {dist}{held}) -> {out}")
 
 
 @data.command()
@@ -212,7 +222,9 @@ def _train_options(fn):
         click.option("--save-every", type=int, help="Checkpoint every N optimizer steps [500]; always at epoch ends."),
         click.option("--max-new-tokens", type=int, help="Generation budget for the per-epoch accuracy [64]."),
         click.option("--synth-samples", type=int, help="Synthetic records when no --train [1000]."),
-        click.option("--compile/--no-compile", default=None, help="mx.compile the no-latent step [on]."),
+        click.option("--compile/--no-compile", default=None, help="mx.compile the training step (one trace per shape and latent layout) [on]."),
+        click.option("--bucket", type=int, help="Pad batch lengths up to a multiple of this: fewer compiled "
+                     "shapes vs less padding [32]."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -403,23 +415,63 @@ def plot(runs, out):
 @main.command()
 @click.option("--out", "out_dir", default="quickstart", show_default=True, type=click.Path(file_okay=False),
               help="Directory for weights, data, runs and the report.")
-@click.option("--small", is_flag=True, help="A reduced run (CI): tiny data, a few steps, ~1 min.")
+@click.option("--budget", type=click.Choice(["default", "long", "small"]), default="default",
+              show_default=True, help="default: ~20 min on a 2-core CPU; long: ~1 h, more data; "
+              "small: the CI smoke test.")
+@click.option("--small", is_flag=True, help="Same as --budget small.")
 @click.option("--force", is_flag=True, help="Retrain even if the runs in --out are complete.")
 @click.pass_context
 @friendly_errors
-def quickstart(ctx, out_dir, small, force):
-    """The main job on an embedded default: SmolLM2-135M + synthetic data, stage 0 then stage 1, eval."""
-    import time
-
+def quickstart(ctx, out_dir, budget, small, force):
+    """The main job on an embedded default: SmolLM2-135M + synthetic problems; CoT, no-CoT and
+    COCONUT trained with the same budget, evaluated side by side on held-out questions."""
     from . import quickstart as qs
 
-    start = time.perf_counter()
-    result = qs.run(out_dir, small=small, force=force, log=click.echo, progress=_eval_progress)
-    click.echo(f"\n== generate --show-latents ({result['stage1']})")
-    ctx.invoke(generate, model_path=result["stage1"], prompt=result["question"], show_latents=True,
-               max_tokens=result["max_tokens"])
-    click.echo(f"\nquickstart finished in {time.perf_counter() - start:.0f}s; report: {result['report']}")
+    def invoke(argv):  # each step is a plain mlx-coconut command (recorded in quickstart.json)
+        try:
+            main.main(args=argv, prog_name="mlx-coconut", standalone_mode=False)
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise
+        except click.ClickException as e:
+            raise UserError(f"quickstart step `mlx-coconut {' '.join(argv)}`: {e.format_message()}")
+
+    result = qs.run(out_dir, budget="small" if small else budget, force=force, invoke=invoke,
+                    log=click.echo)
+    click.echo(f"\n== generate --show-latents ({result['coconut']})")
+    ctx.invoke(generate, model_path=result["coconut"], prompt=result["question"], show_latents=True,
+               max_tokens=result["plan"].budget.max_tokens)
+    click.echo(f"\n== what this shows\n{result['interpretation']}")
+    click.echo(f"\nquickstart finished in {result['seconds'] / 60:.1f} min; report: "
+               f"{Path(out_dir) / 'report.md'}; every step: {Path(out_dir) / 'quickstart.json'}")
+
+
+@main.command()
+def info():
+    """Versions, the device MLX computes on, and whether a fast BLAS is preloaded (Linux)."""
+    import os
+    import platform
+    from importlib.metadata import version
+
+    import mlx.core as mx
+
+    from . import blas
+
+    click.echo(f"mlx-coconut {version('mlx-coconut')}, mlx {version('mlx')}, mlx-lm {version('mlx-lm')}, "
+               f"python {platform.python_version()}, {platform.system()} {platform.machine()}")
+    click.echo(f"device: {mx.default_device()}")
+    if sys.platform == "linux":
+        state = "preloaded" if blas.preloaded() else "NOT preloaded"
+        click.echo(f"OpenBLAS: {state} (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r})")
+
+
+def entry():
+    """The `mlx-coconut` console script: on Linux, re-executes once with OpenBLAS preloaded."""
+    from .blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    entry()

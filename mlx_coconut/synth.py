@@ -26,9 +26,12 @@ QUESTIONS = ["How many {obj} does {N} have now?", "How many {obj} does {N} end u
              "How many {obj} does {N} have at the end?", "In the end, how many {obj} does {N} have?"]
 
 
-def _opener(r, w):
+OPS = ("add", "sub", "mul", "div", "ref")  # "ref": a step that reuses the first result ("as many as ...")
+
+
+def _opener(r, w, ops):
     """First step: builds the starting amount. Returns (sentence, step, value, ref phrase)."""
-    kind = r.choice(["mul", "add", "sub", "div"])
+    kind = r.choice([k for k in ("mul", "add", "sub", "div") if k in ops])
     if kind == "mul":
         a, b = r.randint(2, 9), r.randint(2, 12)
         text = r.choice(["{N} has {a} {cs} of {obj} with {b} {obj} in each {c}.",
@@ -54,9 +57,10 @@ def _opener(r, w):
             "right after the sharing")
 
 
-def _step(r, w, v, first, ref):
+def _step(r, w, v, first, ref, ops, max_value):
     """One more step on the current amount `v` (may reuse the first result). None if infeasible."""
-    kind = r.choice(["add", "add", "sub", "sub", "mul", "div", "add_ref", "sub_ref"])
+    kinds = ["add", "add", "sub", "sub", "mul", "div", "add_ref", "sub_ref"]
+    kind = r.choice([k for k in kinds if k.replace("add_", "").replace("sub_", "") in ops])
     if kind == "add":
         b = r.randint(2, 30)
         text = r.choice(["Then {p} buys {b} more {obj}.", "{F} gives {o} another {b} {obj}.",
@@ -67,8 +71,8 @@ def _step(r, w, v, first, ref):
         text = r.choice(["{P} gives {b} {obj} to {F}.", "{P} loses {b} of them on the way home.",
                          "{P} uses {b} {obj} for a school project."])
         return text.format(b=b, **w), f"<<{v}-{b}={v - b}>>", v - b
-    if kind == "mul" and v <= 250:
-        k = r.randint(2, min(4, MAX_VALUE // v))
+    if kind == "mul" and 4 * v <= max_value + 1:
+        k = r.randint(2, min(4, max_value // v))
         times = {2: "twice", 3: "three times", 4: "four times"}[k]
         text = r.choice(["By the end of the week {p} has {t} as many {obj} as before.",
                          "{P} trades them and gets back {t} as many {obj}."])
@@ -92,8 +96,9 @@ def _step(r, w, v, first, ref):
     return None
 
 
-def synth_record(r: random.Random, n_steps: int):
-    """One problem with exactly `n_steps` steps, drawn from `r`."""
+def synth_record(r: random.Random, n_steps: int, ops=OPS, max_value: int = MAX_VALUE):
+    """One problem with exactly `n_steps` steps, drawn from `r`, using the step kinds in `ops`, every
+    intermediate result at most `max_value`."""
     from .data import Record
 
     (name, p), (friend, _) = r.sample(PEOPLE, 2)
@@ -101,23 +106,37 @@ def synth_record(r: random.Random, n_steps: int):
     w = dict(N=name, F=friend, p=p, P=p.capitalize(), o="her" if p == "she" else "him",
              obj=obj, c=c, cs=cs)
     while True:
-        sentence, step, v, ref = _opener(r, w)
+        sentence, step, v, ref = _opener(r, w, ops)
+        if v > max_value:
+            continue
         sentences, steps, first = [sentence], [step], v
-        while len(steps) < n_steps:
-            out = _step(r, w, v, first, ref)
-            if out is None or out[2] > MAX_VALUE:
+        for _ in range(50 * n_steps):  # a dead end (e.g. only "mul" and a large value): start over
+            if len(steps) == n_steps:
+                break
+            out = _step(r, w, v, first, ref, ops, max_value)
+            if out is None or out[2] > max_value:
                 continue
             sentences.append(out[0])
             steps.append(out[1])
             v = out[2]
-        if v > 0:
+        if v > 0 and len(steps) == n_steps:
             break
     question = " ".join(sentences) + " " + r.choice(QUESTIONS).format(**w)
     return Record(question, steps, str(v))
 
 
-def synth_records(n: int, seed: int = 0, min_steps: int = 1, max_steps: int = 5) -> list:
-    """`n` synthetic records, deterministic for `seed`; step counts uniform in [min_steps, max_steps]."""
+def synth_records(n: int, seed: int = 0, min_steps: int = 1, max_steps: int = 5,
+                  exclude=frozenset(), ops=OPS, max_value: int = MAX_VALUE) -> list:
+    """`n` synthetic records, deterministic for `seed`; step counts uniform in [min_steps, max_steps].
+    Questions in `exclude` (e.g. the training set's, for a held-out split) are skipped. `ops` picks
+    the step kinds (difficulty: add/sub only is easiest), `max_value` bounds every result."""
+    ops = tuple(ops)
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown or not set(ops) & {"add", "sub", "mul", "div"}:
+        raise UserError(f"--ops {','.join(ops)}: choose one or more of {','.join(OPS)} "
+                        f"(at least one of add, sub, mul, div)")
+    if not 20 <= max_value <= 100_000:
+        raise UserError(f"--max-value must be in [20, 100000] (got {max_value})")
     if n < 1:
         raise UserError(f"--n must be at least 1 (got {n})")
     if not 1 <= min_steps <= max_steps:
@@ -125,4 +144,15 @@ def synth_records(n: int, seed: int = 0, min_steps: int = 1, max_steps: int = 5)
     if max_steps > 10:
         raise UserError(f"--max-steps must be at most 10 (got {max_steps})")
     r = random.Random(seed)
-    return [synth_record(r, r.randint(min_steps, max_steps)) for _ in range(n)]
+    if not exclude:
+        return [synth_record(r, r.randint(min_steps, max_steps), ops, max_value) for _ in range(n)]
+    records, tries = [], 0
+    while len(records) < n:
+        tries += 1
+        if tries > 20 * n + 1000:
+            raise UserError(f"could not draw {n} problems that are not excluded (got {len(records)}): "
+                            f"the excluded set covers most of this generator's questions")
+        record = synth_record(r, r.randint(min_steps, max_steps), ops, max_value)
+        if record.question not in exclude:
+            records.append(record)
+    return records

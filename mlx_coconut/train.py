@@ -338,20 +338,25 @@ def epoch_batches(records, tokenizer, fcfg: FormatConfig, ids: SpecialIds, cfg: 
     examples = [format_record(records[i], tokenizer, fcfg, ids, rng) for i in order]
     examples = [e for e in examples if len(e.input_ids) <= cfg.max_seq_length]
     bs = cfg.batch_size
-    if any(e.latent_start >= 0 for e in examples) and bs > 1:
-        # Latent stages: the collator left-pads every row so the first latents share a column, so a
-        # batch is as wide as its longest question + its longest remainder. Group by that column:
-        # sort each pool of POOL_BATCHES shuffled batches by latent start (then length), cut it into
-        # batches and shuffle their order (seeded by (seed, epoch): --resume sees the same batches).
-        pool = bs * POOL_BATCHES
+    if bs > 1:
+        # A batch is as wide as its longest row (at latent stages: its longest question + its longest
+        # remainder, as the collator left-pads every row so the first latents share a column). Group
+        # similar rows: sort each pool of POOL_BATCHES shuffled batches by latent start, then length,
+        # cut it into optimizer steps and shuffle their order (seeded by (seed, epoch): --resume sees
+        # the same batches). Cutting whole steps (batch x accumulation) keeps accumulated
+        # micro-batches the same examples as one big batch; a short last step stays last.
+        step = bs * cfg.grad_accumulation_steps
+        pool = step * POOL_BATCHES
         order_rng = np.random.default_rng([cfg.seed, epoch, 1])
-        grouped = []
+        steps, short = [], []
         for p in range(0, len(examples), pool):
             chunk = sorted(examples[p:p + pool], key=lambda e: (e.latent_start, len(e.input_ids)))
-            cut = [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
-            grouped += [cut[i] for i in order_rng.permutation(len(cut))]
-        return grouped
-    return [examples[i:i + bs] for i in range(0, len(examples), bs)]
+            cut = [chunk[i:i + step] for i in range(0, len(chunk), step)]
+            if len(cut[-1]) < step:
+                short = [cut.pop()]
+            steps += [cut[i] for i in order_rng.permutation(len(cut))]
+        return [s[i:i + bs] for s in steps + short for i in range(0, len(s), bs)]
+    return [[e] for e in examples]
 
 
 def make_batch(examples, pad_id: int, latent_id: int, bucket: int, latent_align: int = 8) -> dict:

@@ -270,6 +270,24 @@ def test_synth_steps_verified_and_deterministic():
     assert all(len(r.steps) == 2 for r in few)
 
 
+def test_synth_difficulty_knobs_and_exclude():
+    easy = D.synth_records(200, seed=1, min_steps=3, max_steps=3, ops=("add", "sub"), max_value=99)
+    for r in easy:
+        values = [int(v) for s in r.steps for v in re.findall(r"\d+", s)]
+        assert all(("*" not in s and "/" not in s) for s in r.steps) and max(values) <= 99
+        assert "as many" not in r.question                    # no "ref" steps
+    muls = D.synth_records(50, seed=1, min_steps=2, max_steps=2, ops=("mul",), max_value=500)
+    assert all("*" in s for r in muls for s in r.steps)      # terminates even with one kind
+    train = D.synth_records(100, seed=0, min_steps=1, max_steps=1, ops=("add",), max_value=50)
+    held = D.synth_records(100, seed=2, min_steps=1, max_steps=1, ops=("add",), max_value=50,
+                           exclude={r.question for r in train})
+    assert len(held) == 100 and not {r.question for r in held} & {r.question for r in train}
+    with pytest.raises(UserError, match="--ops"):
+        D.synth_records(5, ops=("pow",))
+    with pytest.raises(UserError, match="--max-value"):
+        D.synth_records(5, max_value=5)
+
+
 # ---------------------------------------------------------------- CLI
 
 
