@@ -121,6 +121,13 @@ def weights(run) -> dict:
     return mx.load(str(ckpt.checkpoint_dir(run) / "model.safetensors"))
 
 
+# Weights after a few AdamW steps: the update divides each gradient by its running RMS, which
+# amplifies the rounding differences of near-zero gradients (two ranks sum in another order), so
+# trained weights are compared at 1e-4 of their magnitude; the gradients themselves are checked at
+# RTOL in test_shard_gradients_sum_to_the_batch_gradient.
+TRAINED_RTOL = 1e-4
+
+
 def max_diff(a: dict, b: dict) -> float:
     return tree_rel_diff(a, b)
 
@@ -164,7 +171,7 @@ def test_two_ranks_equal_one_process(tiny, reference):
     r = launch(["-c", str(config_file(tiny, "two")), "--out", str(out)])
     assert r.returncode == 0 and "exited with code" not in r.stderr, r.stderr[-3000:]
     assert "data parallel: 2 ranks, global batch 7" in r.stdout
-    assert max_diff(weights(out), weights(reference)) < RTOL
+    assert max_diff(weights(out), weights(reference)) < TRAINED_RTOL
     m2, m1 = metrics(out), metrics(reference)
     assert [m["step"] for m in m2] == [1, 2, 3]  # rank 0 alone writes metrics
     assert all(m["ranks"] == 2 for m in m2)
@@ -186,7 +193,7 @@ def test_two_rank_checkpoint_resumes_in_one_process(tiny, reference):
     assert json.loads((ckpt.checkpoint_dir(out) / "state.json").read_text())["step"] == 2
     result = train.run(train.TrainConfig(out=str(out), resume=True), log=lambda *_: None)
     assert result["steps"] == 3 and not result["interrupted"]
-    assert max_diff(weights(out), weights(reference)) < RTOL
+    assert max_diff(weights(out), weights(reference)) < TRAINED_RTOL
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
 
 
