@@ -8,6 +8,7 @@ and tokenizer.json from the metadata.
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -23,6 +24,10 @@ GGML_TYPES = {
     24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
 }
 SUPPORTED_TYPES = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
+# (elements per block, bytes per block) of the types whose data size we check against the file
+BLOCK_BYTES = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20),
+               "Q8_0": (32, 34)}
+GGML_MAX_DIMS = 4
 
 # GGUF tensor names -> HF (mlx-lm models/llama.py) names.
 GLOBAL_NAMES = {
@@ -44,8 +49,21 @@ PRE_TOKENIZERS = ("default", "gpt2", "gpt-2", "smollm", "llama-bpe", "llama3")
 
 
 # ---------------------------------------------------------------- header (tensor types)
+def _remaining(f) -> int:
+    return os.fstat(f.fileno()).st_size - f.tell()
+
+
+def _need(f, n, what):
+    """A count read from the header must fit in what is left of the file (a corrupt 2^40 would
+    otherwise allocate or loop for ever)."""
+    if n > _remaining(f):
+        raise UserError(f"{f.name}: corrupt or truncated GGUF header ({what} of {n} bytes past the "
+                        f"end of the file)")
+
+
 def _read_str(f):
     (n,) = struct.unpack("<Q", f.read(8))
+    _need(f, n, "a string")
     return f.read(n)
 
 
@@ -60,8 +78,10 @@ def _skip_value(f, vtype):
     elif vtype == 9:
         itype, n = struct.unpack("<IQ", f.read(12))
         if itype in _SCALAR:
+            _need(f, n * struct.calcsize("<" + _SCALAR[itype]), "an array")
             f.read(n * struct.calcsize("<" + _SCALAR[itype]))
         else:
+            _need(f, n * 8, "an array")  # every element is at least a length
             for _ in range(n):
                 _skip_value(f, itype)
     else:
@@ -72,28 +92,57 @@ def read_header(path):
     """(general.architecture, {tensor name: ggml type name}) from the GGUF header, before loading.
 
     mx.load silently dequantizes some types we do not test (K-quants) and would only fail deep inside
-    for others; reading the header lets us refuse precisely, naming the tensor and its type."""
+    for others; reading the header lets us refuse precisely, naming the tensor and its type. Every
+    count, shape and data offset is checked against the file size, so a truncated or corrupt file
+    is one line naming what is wrong, not a crash inside the loader."""
+    try:
+        return _read_header(path)
+    except (struct.error, UnicodeDecodeError):
+        raise UserError(f"{path}: truncated or corrupt GGUF header") from None
+
+
+def _read_header(path):
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise UserError(f"{path}: not a GGUF file (bad magic)")
         version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
         if version < 2:
             raise UserError(f"{path}: GGUF version {version} is too old (need 2 or 3)")
-        arch = None
+        _need(f, n_kv * 13, f"{n_kv} metadata entries")      # key length + type + 1 byte at least
+        _need(f, n_tensors * 24, f"{n_tensors} tensor entries")  # name length + dims + type + offset
+        arch, alignment = None, 32
         for _ in range(n_kv):
             key = _read_str(f)
             (vtype,) = struct.unpack("<I", f.read(4))
             if key == b"general.architecture" and vtype == 8:
                 arch = _read_str(f).decode()
+            elif key == b"general.alignment" and vtype == 4:
+                (alignment,) = struct.unpack("<I", f.read(4))
             else:
                 _skip_value(f, vtype)
-        types = {}
+        types, extents = {}, []
         for _ in range(n_tensors):
             name = _read_str(f).decode()
             (n_dims,) = struct.unpack("<I", f.read(4))
-            f.read(8 * n_dims)
-            ttype, _offset = struct.unpack("<IQ", f.read(12))
+            if not 1 <= n_dims <= GGML_MAX_DIMS:
+                raise UserError(f"{path}: tensor {name} has {n_dims} dimensions (corrupt GGUF)")
+            dims = struct.unpack(f"<{n_dims}Q", f.read(8 * n_dims))
+            ttype, offset = struct.unpack("<IQ", f.read(12))
             types[name] = GGML_TYPES.get(ttype, f"type {ttype}")
+            extents.append((name, types[name], dims, offset))
+        data_start = -(-f.tell() // max(alignment, 1)) * max(alignment, 1)
+        size = os.fstat(f.fileno()).st_size
+    for name, t, dims, offset in extents:
+        if t not in BLOCK_BYTES:
+            continue  # refused by type later
+        per_block, nbytes = BLOCK_BYTES[t]
+        n = math.prod(dims)
+        if n % per_block:
+            raise UserError(f"{path}: tensor {name} ({t}) has {n} elements, not a multiple of {per_block}")
+        end = data_start + offset + n // per_block * nbytes
+        if end > size:
+            raise UserError(f"{path}: tensor {name} ({t}, shape {list(dims)}) ends at byte {end}, past "
+                            f"the end of the file ({size} bytes): truncated or corrupt GGUF")
     return arch, types
 
 
@@ -123,6 +172,17 @@ def hf_name(name: str) -> str:
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in BLOCK_NAMES:
         return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{parts[3]}"
     raise UserError(f"unexpected GGUF tensor {name!r} for a Llama model")
+
+
+def check_finite(raw: dict, path: Path):
+    """Corrupt data dequantizes to NaN/inf without any error. A quantized value is an integer times a
+    finite scale plus a finite bias, so checking the scales and biases (and the float tensors) is
+    enough, and nothing is dequantized twice or kept in memory."""
+    for name, w in raw.items():
+        if mx.issubdtype(w.dtype, mx.floating) and not mx.all(mx.isfinite(w)).item():
+            tensor = name.rsplit(".", 1)[0] + ".weight" if name.endswith((".scales", ".biases")) else name
+            raise UserError(f"{path.name}: tensor {tensor} holds non-finite values (NaN/inf): corrupt "
+                            f"GGUF data")
 
 
 def dequantized(raw: dict) -> dict:
@@ -216,7 +276,11 @@ def load_gguf(path, unpermute_qk: bool = True):
             f"{path.name}: tensor {name} has GGUF type {t} ({len(bad)} tensors of type "
             f"{', '.join(kinds)}); supported: {', '.join(sorted(SUPPORTED_TYPES))} — use a Q8_0/Q4_0/F16 "
             f"file or the original Hugging Face checkpoint")
-    raw, md = mx.load(str(path), return_metadata=True)
+    try:
+        raw, md = mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+    check_finite(raw, path)
     raw = dequantized(raw)
     rope_freqs = raw.pop("rope_freqs.weight", None)
     weights = {hf_name(k): v for k, v in raw.items()}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_coconut.checkpoint import load_safetensors, refuse_remote_code
 from mlx_coconut.errors import UserError
 
 # What mlx-coconut's Llama (and mlx-lm's models/llama.py) can run: Mistral is the same block.
@@ -67,14 +68,23 @@ def load_hf(path: Path):
     config_path = path / "config.json"
     if not config_path.is_file():
         raise UserError(f"{path}: no config.json (is this a Hugging Face model directory?)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: expected a JSON object")
     check_architecture(config, str(config_path))
+    refuse_remote_code(path)
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"{path}: no tokenizer (tokenizer.json or tokenizer.model); a converted model "
+                        f"needs one")
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise UserError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not supported)")
     weights = {}
     for f in files:
-        weights.update(mx.load(f))
+        weights.update(load_safetensors(f))
     # rotary inv_freq buffers are recomputed from the config; tied models reuse the embedding
     weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
     if config.get("tie_word_embeddings", False):
@@ -82,3 +92,50 @@ def load_hf(path: Path):
     if "model.embed_tokens.weight" not in weights:
         raise UserError(f"{path}: no model.embed_tokens.weight in the safetensors files")
     return weights, config
+
+
+def expected_shapes(config: dict) -> dict:
+    """{HF tensor name: shape} of a Llama with this config (unquantized, no biases)."""
+    try:
+        D, L, I, V = (int(config["hidden_size"]), int(config["num_hidden_layers"]),
+                      int(config["intermediate_size"]), int(config["vocab_size"]))
+        H = int(config["num_attention_heads"])
+        KV = int(config.get("num_key_value_heads") or H)
+        hd = int(config.get("head_dim") or D // H)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"config.json: missing or invalid {e}") from None
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (V, D)
+    for i in range(L):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (KV * hd, D),
+            p + "self_attn.v_proj.weight": (KV * hd, D), p + "self_attn.o_proj.weight": (D, H * hd),
+            p + "mlp.gate_proj.weight": (I, D), p + "mlp.up_proj.weight": (I, D),
+            p + "mlp.down_proj.weight": (D, I), p + "input_layernorm.weight": (D,),
+            p + "post_attention_layernorm.weight": (D,)})
+        if config.get("attention_bias"):
+            shapes.update({p + "self_attn.q_proj.bias": (H * hd,), p + "self_attn.k_proj.bias": (KV * hd,),
+                           p + "self_attn.v_proj.bias": (KV * hd,), p + "self_attn.o_proj.bias": (D,)})
+        if config.get("mlp_bias"):
+            shapes.update({p + "mlp.gate_proj.bias": (I,), p + "mlp.up_proj.bias": (I,),
+                           p + "mlp.down_proj.bias": (D,)})
+    return shapes
+
+
+def check_shapes(weights: dict, config: dict, where: str):
+    """The weights must be exactly the tensors config.json describes: a mismatch found at convert
+    time, not as a broadcast error at the first forward pass."""
+    expected = expected_shapes(config)
+    for name, shape in expected.items():
+        if name not in weights:
+            raise UserError(f"{where}: tensor {name} is missing from the weights")
+        if tuple(weights[name].shape) != shape:
+            raise UserError(f"{where}: tensor {name} has shape {list(weights[name].shape)} but config.json "
+                            f"implies {list(shape)} (hidden_size {config['hidden_size']}, "
+                            f"vocab_size {config['vocab_size']}, ...)")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise UserError(f"{where}: unexpected tensor {extra[0]} ({len(extra)} not in a Llama with this "
+                        f"config.json)")

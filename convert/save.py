@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import make_shards, save_config
 
+from mlx_coconut.checkpoint import remove_stale_temps
 from mlx_coconut.errors import UserError
 
 from . import gguf, hf
@@ -69,6 +70,22 @@ def load_source(src: str, log=print):
     return weights, config, path
 
 
+def check_writable(out: Path):
+    """Before the long work: the output's parent can be created and written (read-only / full disk
+    is one line now, not a traceback after dequantizing everything)."""
+    probe = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+    except OSError as e:
+        raise UserError(f"--mlx-path {out}: cannot write there ({e.strerror or e})") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
 def convert(src: str, mlx_path, dtype: str = None, quantize: bool = False, q_bits: int = 4,
             q_group_size: int = 64, force: bool = False, log=print) -> Path:
     """Convert `src` (.gguf file, HF directory, or hub id) into an mlx-lm directory at `mlx_path`.
@@ -85,7 +102,10 @@ def convert(src: str, mlx_path, dtype: str = None, quantize: bool = False, q_bit
         raise UserError(f"unsupported quantization: bits={q_bits} group size={q_group_size} "
                         f"(bits 2/3/4/5/6/8, group size 32/64/128)")
 
+    check_writable(out)
+    remove_stale_temps(out.parent, out.name)  # of a convert killed earlier (kill -9, power loss)
     weights, config, tokenizer = load_source(src, log)
+    hf.check_shapes(weights, config, str(src))
     if dtype is None:
         # HF: keep what the checkpoint says (bf16 for Llama 3.1); GGUF: dequantized, pick per platform
         # (transformers >= 4.56 writes "dtype", older versions "torch_dtype")

@@ -76,6 +76,11 @@ def generate_answers(loaded: Loaded, questions, max_tokens: int = 64, temp: floa
     for i in range(0, len(questions), batch_size):
         batch = questions[i:i + batch_size]
         prompts = [prompt_ids(loaded, q) for q in batch]
+        limit = loaded.model.args.max_position_embeddings
+        for n, p in enumerate(prompts):
+            if len(p) > limit:  # refuse at once rather than prefill for minutes into garbage
+                raise UserError(f"question {i + n + 1}: the prompt is {len(p)} tokens, past the model's "
+                                f"max_position_embeddings {limit}")
         gen = coconut.generate(loaded.model, prompts, ids.latent, eos_ids(tok), max_tokens, pad,
                                sampler, feedback=loaded.settings.mode != "pause",
                                return_thoughts=return_thoughts, on_token=on_token,

@@ -15,12 +15,19 @@ directory (`mlx-coconut train --out runs/NAME`) is accepted wherever a model dir
 
 Saving writes a temp directory, renames it to `ckpt-<step>`, then replaces `coconut.json` (os.replace)
 to point at it, and only then deletes the older checkpoint: a process that dies anywhere in between
-leaves the previous checkpoint loadable.
+leaves the previous checkpoint loadable. Non-finite weights are never written. A training process
+holds an exclusive lock on `.lock` in the run directory for its lifetime (released by the OS when the
+process ends, however it ends).
 """
 
+import fcntl
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -86,12 +93,34 @@ class Loaded:
     state: Optional[dict] = None    # the checkpoint's state.json (step, epoch, ...)
 
 
+def refuse_remote_code(path: Path):
+    """A model directory may name its own Python classes (`auto_map`); transformers would import them
+    (after a [y/N] prompt). mlx-coconut never runs code from a model directory: refuse up front."""
+    for name in ("tokenizer_config.json", "config.json"):
+        file = Path(path) / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (ValueError, OSError):
+            continue  # reported by whoever reads it for real
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise UserError(f"{file}: asks for custom code (auto_map {json.dumps(data['auto_map'])}); "
+                            f"mlx-coconut never runs code from a model directory")
+
+
 def load_tokenizer(path: Path):
+    """The one tokenizer loader: mlx-lm's wrapper, never with remote code."""
     from mlx_lm.tokenizer_utils import load as mlx_lm_load_tokenizer
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: not a model directory")
+    refuse_remote_code(path)
     try:
-        return mlx_lm_load_tokenizer(Path(path))
+        return mlx_lm_load_tokenizer(path, tokenizer_config_extra={"trust_remote_code": False})
     except Exception as e:  # transformers raises many types for a missing / broken tokenizer
-        raise UserError(f"{path}: could not load the tokenizer ({type(e).__name__}: {e})") from None
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path}: could not load the tokenizer ({type(e).__name__}: {msg})") from None
 
 
 def latent_token_ids(tokenizer) -> Optional[dict]:
@@ -134,12 +163,20 @@ def read_settings(path: Path) -> Settings:
     return _settings(_read_json(run_file))
 
 
+CKPT_NAME = re.compile(r"ckpt-\d+")
+
+
 def checkpoint_dir(path) -> Path:
     run = read_run(path)
     if run is None:
         raise UserError(f"{path}: not a run directory (no {RUN_FILE} with a checkpoint)")
-    ckpt = Path(path) / run["checkpoint"]
-    if not ckpt.is_dir():
+    name = run["checkpoint"]
+    # only a sub-directory of this run: an edited coconut.json must not load weights from elsewhere
+    if not isinstance(name, str) or not CKPT_NAME.fullmatch(name):
+        raise UserError(f"{Path(path) / RUN_FILE}: \"checkpoint\": {json.dumps(name)} is not a checkpoint "
+                        f"of this run directory (expected a name like ckpt-0000120)")
+    ckpt = Path(path) / name
+    if ckpt.is_symlink() or not ckpt.is_dir():
         raise UserError(f"{path}: {RUN_FILE} points at {run['checkpoint']}, which does not exist")
     return ckpt
 
@@ -271,13 +308,14 @@ def _load_lora(run: dict, ckpt: Path, tokenizer, dtype) -> Model:
     base = Path(run["base_model"])
     if not base.is_dir():
         raise UserError(f"{ckpt.parent}: its base model {base} is missing (LoRA runs store adapters only)")
+    check_base_fingerprint(run, base, ckpt.parent)
     model, _ = load_model(base, dtype=dtype)
     ids = add_latent_tokens(model, tokenizer).ids  # same ids: the tokenizer already has them
     lora = run["lora"]
     if (q := lora.get("quantization")) and not is_quantized(model):
         quantize_base(model, q["bits"], q["group_size"])
     apply_lora(model, lora, ids)
-    adapters = mx.load(str(ckpt / "adapters.safetensors"))
+    adapters = load_safetensors(ckpt / "adapters.safetensors")
     if dtype is not None:
         adapters = {k: v.astype(dtype) for k, v in adapters.items()}
     model.load_weights(list(adapters.items()), strict=False)
@@ -289,7 +327,7 @@ def _load_lora(run: dict, ckpt: Path, tokenizer, dtype) -> Model:
 def load_optimizer_state(path) -> tuple:
     """(optimizer state tree, state.json dict) of a run directory's current checkpoint."""
     ckpt = checkpoint_dir(path)
-    flat = mx.load(str(ckpt / "optimizer.safetensors"))
+    flat = load_safetensors(ckpt / "optimizer.safetensors")
     rng = flat.pop("__mx_random_state__", None)
     state = _read_json(ckpt / "state.json")
     state["mx_random_state"] = rng
@@ -297,6 +335,55 @@ def load_optimizer_state(path) -> tuple:
 
 
 # ---------------------------------------------------------------- save
+
+
+def load_safetensors(file) -> dict:
+    """mx.load with a truncated / corrupt file reported as one line naming it."""
+    try:
+        return mx.load(str(file))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{file}: cannot read ({str(e).splitlines()[0]}); the file is truncated or "
+                        f"corrupt") from None
+
+
+def base_fingerprint(model_dir) -> dict:
+    """What a LoRA run's adapters depend on: the base's config (shapes) and every tensor's name,
+    shape and dtype (read from the safetensors headers, no weights loaded)."""
+    model_dir = Path(model_dir)
+    config = _read_json(model_dir / "config.json")
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "quantization")
+    digest = hashlib.sha1()
+    for f in sorted(model_dir.glob("model*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n)) if 0 < n < 1 << 30 else {}
+        for name in sorted(k for k in header if k != "__metadata__"):
+            digest.update(f"{name}{header[name].get('shape')}{header[name].get('dtype')};".encode())
+    return {"config": {k: config.get(k) for k in keys}, "tensors": digest.hexdigest()}
+
+
+def check_base_fingerprint(run: dict, base: Path, run_dir: Path):
+    saved = run.get("base_fingerprint")
+    if not saved:
+        return
+    try:
+        now = base_fingerprint(base)
+    except (OSError, ValueError, struct.error) as e:
+        raise UserError(f"{run_dir}: cannot read its base model {base} ({e})") from None
+    diff = [f"{k} {saved['config'].get(k)} -> {now['config'].get(k)}" for k in saved["config"]
+            if saved["config"].get(k) != now["config"].get(k)]
+    if diff or saved["tensors"] != now["tensors"]:
+        what = ", ".join(diff) if diff else "its tensor names/shapes/dtypes differ"
+        raise UserError(f"{run_dir}: its base model {base} is not the one the adapters were trained on "
+                        f"({what}); restore that base model")
+
+
+def all_finite(tree) -> bool:
+    """Every floating-point leaf finite (one reduction per tensor, evaluated once)."""
+    checks = [mx.all(mx.isfinite(v)) for _, v in tree_flatten(tree)
+              if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)]
+    return bool(mx.all(mx.array(checks)).item()) if checks else True
 
 
 def model_weights(model: Model) -> dict:
@@ -323,6 +410,9 @@ def save_checkpoint(run_dir, run: dict, model: Model, tokenizer, optimizer, stat
     `run` is the resolved config (coconut.json minus "checkpoint"); `run["weights"]` is "full" or
     "lora". `state` (json-able) gets the current mx.random state added."""
     run_dir = Path(run_dir)
+    if not all_finite(model.trainable_parameters()):
+        raise UserError(f"{run_dir}: the weights at step {state['step']} are not finite (NaN/inf): "
+                        f"not saved")
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{state['step']:07d}"
     final = run_dir / name
@@ -363,16 +453,104 @@ def _write_optimizer(file: Path, flat: dict):
     mx.save_safetensors(str(file), flat)
 
 
+def json_safe(data):
+    """NaN / inf become null: JSON has no such numbers (Python would write invalid `NaN`)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    return data
+
+
 def write_json_atomic(file, data):
     file = Path(file)
     tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, file)
+    try:
+        tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False))
+        os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file
+        raise
 
 
 def append_jsonl(file, record: dict):
     with open(file, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+
+
+def truncate_jsonl(file, max_step: int):
+    """Keep the lines up to `max_step` (a resumed run rewrites the steps after its checkpoint)."""
+    file = Path(file)
+    if not file.exists():
+        return
+    keep = []
+    for line in file.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= max_step:
+                keep.append(line)
+        except (ValueError, AttributeError):
+            break  # a torn last line (killed mid-write): drop it and what follows
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class RunLock:
+    """Exclusive lock on RUN_DIR/.lock (fcntl.flock: Linux and macOS) for one training process. The
+    OS releases it when the process exits, even on kill -9, so a stale lock cannot block a rerun."""
+
+    def __init__(self, run_dir):
+        self.file = Path(run_dir) / ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"--out {self.file.parent}: another training process"
+                            f"{f' (pid {holder})' if holder else ''} is using this run directory; "
+                            f"wait for it or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(directory, name: Optional[str] = None) -> list:
+    """Delete `.<name>.tmp-PID` / `.<name>.old-PID` entries (any name if None) left behind by dead
+    processes (kill -9, power loss)."""
+    removed = []
+    pattern = re.compile(r"\." + (re.escape(name) if name else r".+") + r"\.(tmp|old)-(\d+)")
+    for p in Path(directory).glob(f".{name or ''}*"):
+        m = pattern.fullmatch(p.name)
+        if m and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def settings_dict(settings: Settings) -> dict:

@@ -1,32 +1,55 @@
 """The `mlx-coconut` command line: a thin click layer over the library.
 
-Every command turns a `UserError` into one line on stderr and exit code 2 (no traceback).
+Every command turns an expected failure (a `UserError`, any OSError, a corrupt file) into one line on
+stderr and exit code 2; a real bug keeps its traceback, followed by a line asking to report it.
 """
 
 import functools
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 import click
 
-from .errors import UserError
+from .errors import UserError, describe
 
 
 def friendly_errors(fn):
-    """Print UserError (and common OS errors) as one line, exit 2."""
+    """Expected failures: one line, exit 2. Ctrl-C: one line, exit 130. Anything else: traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C: temp files and dirs are cleaned up
+        term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+        if term == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _interrupt)
         try:
             return fn(*args, **kwargs)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:
+            line = describe(e)
+            if line is None:
+                traceback.print_exc()
+                click.echo(f"error: this is a bug in mlx-coconut ({type(e).__name__}); please report "
+                           f"it with the command line and the traceback above", err=True)
+                sys.exit(1)
+            click.echo(f"error: {line}", err=True)
             sys.exit(2)
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-            click.echo(f"error: {e.strerror}: {e.filename}", err=True)
-            sys.exit(2)
+        finally:
+            if term == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, term)
 
     return wrapper
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,8 +138,10 @@ def stats(path, model_dir, c_thought, fmt, index):
     from .data import load_records, load_tokenizer, stats_report
     from .errors import UserError
 
-    if c_thought < 1:
-        raise UserError(f"--c-thought must be at least 1 (got {c_thought})")
+    from .data import MAX_C_THOUGHT
+
+    if not 1 <= c_thought <= MAX_C_THOUGHT:
+        raise UserError(f"--c-thought must be between 1 and {MAX_C_THOUGHT} (got {c_thought})")
     records = load_records(path, fmt)
     tokenizer = load_tokenizer(model_dir) if model_dir else None
     click.echo(stats_report(records, tokenizer, c_thought=c_thought, index=index))
@@ -150,11 +175,15 @@ def convert(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, force):
 def latent_tokens(model_path, prompt, max_tokens):
     """Add <|start-latent|> <|latent|> <|end-latent|> in memory; show ids and a greedy check."""
     import mlx.core as mx
-    from mlx_lm.utils import load_tokenizer
 
+    from .checkpoint import load_tokenizer
     from .model import load_model
     from .tokens import add_latent_tokens, vocab_rows
 
+    if not prompt.strip():
+        raise UserError("--prompt is empty")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1 (got {max_tokens})")
     model, _ = load_model(model_path)
     tokenizer = load_tokenizer(model_path)
 
@@ -289,6 +318,7 @@ def train(config_file, train_file, **flags):
 def generate(model_path, prompt, max_tokens, temp, top_p, seed, show_latents, top_k, dtype, as_json):
     """Latent-then-text generation: the question, the continuous thoughts, then the answer."""
     import json
+    import math
     import time
 
     import mlx.core as mx
@@ -299,8 +329,10 @@ def generate(model_path, prompt, max_tokens, temp, top_p, seed, show_latents, to
         raise UserError(f"--top-k must be >= 1 (got {top_k})")
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1 (got {max_tokens})")
-    if temp < 0 or not 0 < top_p <= 1:
-        raise UserError("--temp must be >= 0 and --top-p in (0, 1]")
+    if not prompt.strip():
+        raise UserError("--prompt is empty")
+    if not (math.isfinite(temp) and temp >= 0) or not 0 < top_p <= 1:
+        raise UserError("--temp must be a finite number >= 0 and --top-p in (0, 1]")
     if seed is not None:
         mx.random.seed(seed)
     start = time.perf_counter()

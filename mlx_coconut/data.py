@@ -250,8 +250,12 @@ def save_records(records, path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     body = ",\n".join(json.dumps(r.to_json(), ensure_ascii=False) for r in records)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("[\n" + body + "\n]\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text("[\n" + body + "\n]\n", encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves neither a temp file nor a torn output
+        raise
 
 
 def step_distribution(records) -> dict:
@@ -308,6 +312,9 @@ def download_gsm8k(out_dir, splits=("train", "valid", "test"), progress=None, ti
 MODES = ("cot", "no-cot", "coconut", "pause", "no-thought")
 
 
+MAX_C_THOUGHT = 64  # thoughts per replaced step (the paper uses 1-2); bounds prompt length
+
+
 @dataclass(frozen=True)
 class FormatConfig:
     """How a record becomes model input.
@@ -331,6 +338,8 @@ class FormatConfig:
             raise UserError(f"unknown mode '{self.mode}' (choose from {', '.join(MODES)})")
         if self.stage < 0 or self.c_thought < 0 or self.max_latent_stage < 0:
             raise UserError("stage, c_thought and max_latent_stage must be >= 0")
+        if self.c_thought > MAX_C_THOUGHT:
+            raise UserError(f"c_thought {self.c_thought}: at most {MAX_C_THOUGHT} thoughts per step")
         if not 0.0 <= self.uniform_prob <= 1.0:
             raise UserError("uniform_prob must be in [0, 1]")
 
@@ -567,19 +576,9 @@ class TextTokenizer:
 
 
 def load_tokenizer(model_dir):
-    """The tokenizer of a converted model directory (mlx-lm first, transformers as fallback)."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise UserError(f"{path}: not a model directory")
-    try:
-        from mlx_lm.tokenizer_utils import load
-        return load(path)
-    except Exception as first:
-        try:
-            from transformers import AutoTokenizer
-            return AutoTokenizer.from_pretrained(str(path))
-        except Exception:
-            raise UserError(f"{path}: cannot load a tokenizer ({type(first).__name__}: {first})")
+    """The tokenizer of a converted model directory (checkpoint.load_tokenizer: no remote code)."""
+    from .checkpoint import load_tokenizer as load
+    return load(model_dir)
 
 
 def _summary(values) -> str:

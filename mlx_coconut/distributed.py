@@ -22,6 +22,7 @@ and a checkpoint is committed atomically, so the last one stays loadable.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -35,8 +36,22 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
 
-CONNECT_TIMEOUT = float(os.environ.get("MLX_COCONUT_CONNECT_TIMEOUT", 120))  # seconds, init
-TIMEOUT = float(os.environ.get("MLX_COCONUT_TIMEOUT", 600))  # seconds a rank may wait in a collective
+
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{name}={text!r}: expected a number of seconds > 0")
+    return value
+
+
+CONNECT_TIMEOUT = _env_seconds("MLX_COCONUT_CONNECT_TIMEOUT", 120)  # seconds, init
+TIMEOUT = _env_seconds("MLX_COCONUT_TIMEOUT", 600)  # seconds a rank may wait in a collective
 BUCKET_BYTES = 32 * 1024 ** 2  # concatenate small gradients into all_sum calls of up to this size
 
 _WATCHER = r"""
@@ -208,10 +223,12 @@ def launched() -> bool:
     """Started by `mlx.launch` with more than one rank (or with its variables set by hand)?
     (`mlx.launch -n 1` sets MLX_HOSTFILE to an empty file: a single process.)"""
     path = os.environ.get("MLX_HOSTFILE")
+    if not path:
+        return False
     try:
-        return bool(path) and bool(open(path).read().strip())
-    except OSError:
-        return True  # let init report the unreadable hostfile
+        return bool(open(path).read().strip())
+    except OSError as e:
+        raise UserError(f"MLX_HOSTFILE={path}: cannot read the hostfile ({e.strerror})") from None
 
 
 def setup() -> Dist:

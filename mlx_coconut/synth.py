@@ -7,6 +7,7 @@ and result; each step uses the previous step's result; the last result is the an
 """
 
 import random
+import re
 
 from .errors import UserError
 
@@ -96,6 +97,10 @@ def _step(r, w, v, first, ref, ops, max_value):
     return None
 
 
+def _largest(step: str) -> int:
+    return max(int(x) for x in re.findall(r"\d+", step))
+
+
 def synth_record(r: random.Random, n_steps: int, ops=OPS, max_value: int = MAX_VALUE):
     """One problem with exactly `n_steps` steps, drawn from `r`, using the step kinds in `ops`, every
     intermediate result at most `max_value`."""
@@ -107,14 +112,14 @@ def synth_record(r: random.Random, n_steps: int, ops=OPS, max_value: int = MAX_V
              obj=obj, c=c, cs=cs)
     while True:
         sentence, step, v, ref = _opener(r, w, ops)
-        if v > max_value:
+        if _largest(step) > max_value:
             continue
         sentences, steps, first = [sentence], [step], v
         for _ in range(50 * n_steps):  # a dead end (e.g. only "mul" and a large value): start over
             if len(steps) == n_steps:
                 break
             out = _step(r, w, v, first, ref, ops, max_value)
-            if out is None or out[2] > max_value:
+            if out is None or _largest(out[1]) > max_value:
                 continue
             sentences.append(out[0])
             steps.append(out[1])

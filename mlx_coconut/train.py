@@ -7,6 +7,7 @@ loop). A curriculum (`stages="0-3"`) runs consecutive stages, each from the prev
 a fresh optimizer (official `reset_optimizer`), each in its own run directory `OUT/stageK`.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from mlx.utils import tree_map
 from . import checkpoint as ckpt
 from . import distributed
 from .coconut import loss_fn
-from .data import FormatConfig, MODES, SpecialIds, collate, format_record, load_records
+from .data import MAX_C_THOUGHT, FormatConfig, MODES, SpecialIds, collate, format_record, load_records
 from .errors import UserError
 from .evaluate import evaluate, evaluate_sharded
 
@@ -198,6 +199,8 @@ def resolve(config: TrainConfig) -> tuple:
         if values[k] is None:
             values[k] = v
     cfg = TrainConfig(**values)
+    if init_run and init_run.get("weights") == "lora" and cfg.lora:
+        _check_lora_init(cfg, init_run["lora"], config.init)
     if cfg.mode is None:
         cfg.mode = "cot" if cfg.stage == 0 else "coconut"
     cfg.reset_optimizer = reset_cadence(cfg)
@@ -205,6 +208,21 @@ def resolve(config: TrainConfig) -> tuple:
         cfg.dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
     validate(cfg)
     return cfg, init_run
+
+
+def _check_lora_init(cfg: TrainConfig, lora: dict, init: str):
+    """An --init LoRA run's adapters keep training as they are: a different shape is refused
+    (rather than recorded but not used)."""
+    q = lora.get("quantization") or {}
+    used = {"lora_rank": lora["rank"], "lora_scale": lora["scale"], "lora_layers": lora.get("layers", 0),
+            "lora_dropout": lora.get("dropout", 0.0)}
+    if q:
+        used.update(q_bits=q["bits"], q_group_size=q["group_size"])
+    for name, value in used.items():
+        if getattr(cfg, name) != value:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: --init {init} is a LoRA run "
+                            f"whose adapters keep training with {name.replace('_', '-')} {value}; drop "
+                            f"the flag (or start LoRA from a full-weight run / model)")
 
 
 def validate(cfg: TrainConfig):
@@ -231,8 +249,23 @@ def validate(cfg: TrainConfig):
         raise UserError(f"--q-bits {cfg.q_bits}: choose from 2, 3, 4, 5, 6, 8")
     if cfg.reset_optimizer not in RESET_CHOICES:
         raise UserError(f"--reset-optimizer {cfg.reset_optimizer}: choose from {', '.join(RESET_CHOICES)}")
-    if cfg.learning_rate <= 0:
-        raise UserError("--learning-rate must be > 0")
+    if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
+        raise UserError(f"--learning-rate must be a finite number > 0 (got {cfg.learning_rate})")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise UserError(f"--weight-decay must be a finite number >= 0 (got {cfg.weight_decay})")
+    for name in ("samples", "eval_samples", "synth_samples", "save_every", "max_new_tokens",
+                 "lora_rank", "lora_layers", "q_group_size"):
+        value, least = getattr(cfg, name), 0 if name in ("eval_samples", "save_every", "lora_layers") else 1
+        if value is not None and value < least:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {least} (got {value})")
+    if cfg.c_thought > MAX_C_THOUGHT:
+        raise UserError(f"--c-thought {cfg.c_thought}: at most {MAX_C_THOUGHT} thoughts per step")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError(f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})")
+    if not (math.isfinite(cfg.lora_scale) and cfg.lora_scale > 0):
+        raise UserError(f"--lora-scale must be a finite number > 0 (got {cfg.lora_scale})")
+    if cfg.q_bits is not None and cfg.q_group_size not in (32, 64, 128):
+        raise UserError(f"--q-group-size {cfg.q_group_size}: choose from 32, 64, 128")
 
 
 def check_writable(out: Path):
@@ -597,15 +630,19 @@ def _hms(s):
 
 
 class _Interrupt:
-    """Ctrl-C sets a flag checked between optimizer steps (a second Ctrl-C aborts immediately)."""
+    """Ctrl-C (or SIGTERM) sets a flag checked between optimizer steps: the run saves and stops. A
+    second one aborts immediately. Under `mlx.launch` SIGTERM keeps the launcher's handler."""
 
     def __init__(self):
         self.hit = False
 
     def __enter__(self):
         self.prev = signal.getsignal(signal.SIGINT)
+        self.prev_term = signal.getsignal(signal.SIGTERM)
         try:
             signal.signal(signal.SIGINT, self._handle)
+            if not distributed.setup().enabled:
+                signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
             self.prev = None
         return self
@@ -618,9 +655,79 @@ class _Interrupt:
     def __exit__(self, *exc):
         if self.prev is not None:
             signal.signal(signal.SIGINT, self.prev)
+            signal.signal(signal.SIGTERM, self.prev_term)
+
+
+# may change on --resume (the number of epochs; speed only: recompute, compile); the rest is the
+# run's recorded config (data order, optimisation, LoRA)
+RESUME_FLAGS = ("out", "resume", "epochs", "stop_after_steps", "stage", "grad_checkpoint", "compile")
+# what the data order of a checkpoint depends on (state.json records it; an edited coconut.json
+# cannot silently resume on different batches)
+ORDER_KEYS = ("train", "samples", "synth_samples", "seed", "stage", "mode", "c_thought",
+              "max_latent_stage", "pad_latent_to_max", "uniform_prob", "batch_size",
+              "grad_accumulation_steps", "max_seq_length")
+
+
+def _check_resume_flags(config: TrainConfig, saved: dict, out: Path):
+    """--resume continues the recorded run; a flag that would silently not apply is refused."""
+    if config.stage not in (0, saved.get("stage")):  # 0 is also the CLI's default
+        raise UserError(f"--resume: --stage {config.stage} differs from the run's stage "
+                        f"{saved.get('stage')} in {out}; drop --stage")
+    for name, value in asdict(config).items():
+        if name in RESUME_FLAGS or value is None:
+            continue
+        recorded = saved.get(name)
+        if name in ("model", "init", "train", "valid") and recorded is not None:
+            same = Path(value).resolve() == Path(recorded).resolve()
+        else:
+            same = value == recorded
+        if not same:
+            raise UserError(f"--resume: --{name.replace('_', '-')} {value} differs from the run's "
+                            f"recorded {recorded!r} ({out}/{ckpt.RUN_FILE}); a resumed run keeps its "
+                            f"settings (only --epochs may change): drop the flag, or start a new --out")
+
+
+def _check_order(state: dict, cfg: TrainConfig, out: Path):
+    recorded = state.get("data_order")
+    if not recorded:
+        return
+    now = {k: getattr(cfg, k) for k in ORDER_KEYS}
+    diff = [f"{k} {recorded.get(k)!r} -> {now[k]!r}" for k in ORDER_KEYS if recorded.get(k) != now[k]]
+    if diff:
+        raise UserError(f"--resume: {out}/{ckpt.RUN_FILE} was edited since its checkpoint "
+                        f"({', '.join(diff)}); the checkpoint's position in the data would be wrong: "
+                        f"restore it or start a new --out")
+
+
+def loss_warnings(losses: list, vocab: int) -> list:
+    """Training that 'completes' but learned nothing useful: the loss sits at ln V (the uniform
+    distribution: a collapsed model) or far above where it started (diverging without NaN)."""
+    if len(losses) < 10:
+        return []
+    n = max(3, len(losses) // 10)
+    start, recent, uniform = sum(losses[:n]) / n, sum(losses[-n:]) / n, math.log(vocab)
+    if abs(recent - uniform) < 0.02 * uniform:
+        return [f"the loss has stayed at ≈ ln V = {uniform:.2f} (the uniform distribution over the "
+                f"{vocab} tokens) over the last {n} steps: the model has collapsed or learns nothing; "
+                f"try a lower --learning-rate"]
+    if recent > start + max(1.0, 0.5 * start):
+        return [f"the loss rose from {start:.3f} to {recent:.3f} (mean of the first / last {n} steps): "
+                f"training is diverging; try a lower --learning-rate"]
+    return []
+
+
+def _vocab(model) -> int:
+    embed = model.model.embed_tokens
+    return getattr(embed, "base", embed).weight.shape[0]  # LoRA: ExtraRows around the embedding
 
 
 def train_stage(config: TrainConfig, log=print) -> dict:
+    # the run-directory lock (taken inside, once --out is validated) is released however we leave
+    with contextlib.ExitStack() as held:
+        return _train_stage(config, log, held)
+
+
+def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     dist = distributed.setup()  # size 1 unless started by `mlx.launch`
     if not dist.main:
         log = _quiet  # rank 0 prints; errors still reach every rank as UserError
@@ -630,12 +737,15 @@ def train_stage(config: TrainConfig, log=print) -> dict:
         if out is None or not ckpt.is_run_dir(out):
             raise UserError(f"--resume: {out} is not a run directory with a checkpoint")
         saved = ckpt.read_run(out)
+        _check_resume_flags(config, saved["config"], out)
         cfg = config_from_dict(saved["config"], f"{out}/{ckpt.RUN_FILE}")
-        if config.epochs is not None:
-            cfg.epochs = config.epochs  # the one thing worth changing on resume
+        for name in ("epochs", "grad_checkpoint", "compile"):  # what may change on resume
+            if getattr(config, name) is not None:
+                setattr(cfg, name, getattr(config, name))
         cfg.stop_after_steps, cfg.resume = config.stop_after_steps, True
         init_run = ckpt.read_run(cfg.init) if cfg.init else None
         opt_state, resume_state = ckpt.load_optimizer_state(out)
+        _check_order(resume_state, cfg, out)
         if resume_state.get("complete") and resume_state["epoch"] >= cfg.epochs:
             log(f"{out}: already complete ({resume_state['step']} steps)")
             return {"out": str(out), "steps": resume_state["step"], "complete": True}
@@ -647,6 +757,12 @@ def train_stage(config: TrainConfig, log=print) -> dict:
                             f"another --out")
     if dist.main:
         check_writable(out)
+        held.enter_context(ckpt.RunLock(out))
+        ckpt.remove_stale_temps(out)  # of a process killed mid-write (we hold the lock: none is live)
+        if resume_state:  # the steps after the checkpoint are trained again
+            ckpt.truncate_jsonl(out / "metrics.jsonl", resume_state["step"])
+        else:  # lines of a run that failed before its first checkpoint
+            ckpt.truncate_jsonl(out / "metrics.jsonl", -1)
     mx.random.seed(cfg.seed)
     records, valid = load_data(cfg, log)
 
@@ -673,6 +789,8 @@ def train_stage(config: TrainConfig, log=print) -> dict:
                   "eos_id": special.eos, "init": str(Path(cfg.init).resolve()) if cfg.init else None}
     run_record["config"]["resume"] = False
     run_record["config"]["stop_after_steps"] = None
+    if record.get("weights") == "lora" and not resume_state:
+        run_record["base_fingerprint"] = ckpt.base_fingerprint(record["base_model"])
 
     reset = reset_cadence(cfg)
     optimizer = make_optimizer(model, cfg)
@@ -701,11 +819,22 @@ def train_stage(config: TrainConfig, log=print) -> dict:
     steps_per_epoch = math.ceil(n_batches / accum)
     total_steps = steps_per_epoch * cfg.epochs
     losses, summary_last, tps = [], None, 0.0
+    if not epoch_batches(records, tokenizer, fcfg, special, cfg, start_epoch):
+        raise UserError(f"nothing to train on: all {len(records)} records are longer than "
+                        f"--max-seq-length {cfg.max_seq_length} tokens at stage {cfg.stage}"
+                        if records else "nothing to train on: no training records")
+    if resume_state:
+        last_saved = ckpt.checkpoint_dir(out)
 
     def save(epoch, batch, complete=False):
         nonlocal last_saved
+        if not ckpt.all_finite(model.trainable_parameters()):  # never write or point at bad weights
+            raise UserError(f"the weights are not finite (NaN/inf) at step {step} (stage {cfg.stage}, "
+                            f"epoch {epoch + 1}): training diverged, stopped; "
+                            + (f"the last good checkpoint is {last_saved}" if last_saved else
+                               "no checkpoint was saved") + "; try a lower --learning-rate")
         state = {"step": step, "epoch": epoch, "batch": batch, "stage": cfg.stage, "seed": cfg.seed,
-                 "complete": complete}
+                 "complete": complete, "data_order": {k: getattr(cfg, k) for k in ORDER_KEYS}}
         if dist.main:  # the other ranks hold the same weights
             last_saved = dist.checkpoint = ckpt.save_checkpoint(out, run_record, model, tokenizer,
                                                                 optimizer, state)
@@ -788,8 +917,11 @@ def train_stage(config: TrainConfig, log=print) -> dict:
                            mx.get_peak_memory() / 1e9, force=True)
                 bar.close()
             save(epoch + 1, 0, complete=epoch + 1 >= cfg.epochs)
+            warnings = loss_warnings(losses, _vocab(model))
+            for w in warnings:
+                log(f"warning: {w}")
             summary = end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, step,
-                                   out, log, dist)
+                                   out, log, dist, warnings)
             model.train()
             summary_last = summary
     result = {"out": str(out), "steps": step, "losses": losses, "interrupted": False}
@@ -873,11 +1005,13 @@ def _flat(tree):
 
 
 def end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, step, out, log,
-                 dist=None) -> dict:
+                 dist=None, warnings=None) -> dict:
     """Validation loss + greedy generation accuracy on the validation records, 5 sample predictions,
     appended to eval.json."""
     model.eval()
     entry = {"epoch": epoch + 1, "step": step, "stage": cfg.stage}
+    if warnings:
+        entry["warnings"] = list(warnings)
     if valid:
         vex = [format_record(r, tokenizer, vfcfg, special) for r in valid]
         vex = [e for e in vex if len(e.input_ids) <= cfg.max_seq_length]

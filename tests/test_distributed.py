@@ -24,6 +24,7 @@ from mlx_coconut import checkpoint as ckpt
 from mlx_coconut import distributed, train
 from mlx_coconut.data import save_records, synth_records
 from test_train import make_tiny_model
+from tolerance import RTOL, rel_diff, tree_rel_diff
 
 CLI = [sys.executable, "-c", "from mlx_coconut.cli import main; main()", "train"]
 LAUNCH = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
@@ -120,9 +121,15 @@ def weights(run) -> dict:
     return mx.load(str(ckpt.checkpoint_dir(run) / "model.safetensors"))
 
 
+# Weights after a few AdamW steps: the update divides each gradient by its running RMS, which
+# amplifies the rounding differences of near-zero gradients (two ranks sum in another order), so
+# trained weights are compared at 1e-4 of their magnitude; the gradients themselves are checked at
+# RTOL in test_shard_gradients_sum_to_the_batch_gradient.
+TRAINED_RTOL = 1e-4
+
+
 def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float(mx.abs(a[k] - b[k]).max()) for k in a)
+    return tree_rel_diff(a, b)
 
 
 def metrics(run) -> list:
@@ -155,9 +162,8 @@ def test_shard_gradients_sum_to_the_batch_gradient(tiny):
         l, g, _ = train.shard_step(stepper, model, batch, special, cfg, dist)
         total_loss += l.item()
         total = g if total is None else tree_map(mx.add, total, g)
-    assert abs(total_loss - loss.item()) < 1e-5
-    for (k, a), (_, b) in zip(tree_flatten(full), tree_flatten(total)):
-        assert float(mx.abs(a - b).max()) < 1e-6, k
+    assert rel_diff(total_loss, loss) < RTOL
+    assert tree_rel_diff(dict(tree_flatten(full)), dict(tree_flatten(total))) < RTOL
 
 
 def test_two_ranks_equal_one_process(tiny, reference):
@@ -165,16 +171,16 @@ def test_two_ranks_equal_one_process(tiny, reference):
     r = launch(["-c", str(config_file(tiny, "two")), "--out", str(out)])
     assert r.returncode == 0 and "exited with code" not in r.stderr, r.stderr[-3000:]
     assert "data parallel: 2 ranks, global batch 7" in r.stdout
-    assert max_diff(weights(out), weights(reference)) < 1e-5
+    assert max_diff(weights(out), weights(reference)) < TRAINED_RTOL
     m2, m1 = metrics(out), metrics(reference)
     assert [m["step"] for m in m2] == [1, 2, 3]  # rank 0 alone writes metrics
     assert all(m["ranks"] == 2 for m in m2)
     assert [m["tokens"] for m in m2] == [m["tokens"] for m in m1]
     for a, b in zip(m2, m1):
-        assert abs(a["loss"] - b["loss"]) < 1e-5
+        assert rel_diff(a["loss"], b["loss"]) < RTOL
     e2, e1 = (json.loads((p / "eval.json").read_text())[-1] for p in (out, reference))
     assert e2["n"] == e1["n"] == 4  # sharded generation, results gathered
-    assert abs(e2["valid_loss"] - e1["valid_loss"]) < 1e-5
+    assert rel_diff(e2["valid_loss"], e1["valid_loss"]) < RTOL
     assert [s["prediction"] for s in e2["samples"]] == [s["prediction"] for s in e1["samples"]]
 
 
@@ -187,7 +193,7 @@ def test_two_rank_checkpoint_resumes_in_one_process(tiny, reference):
     assert json.loads((ckpt.checkpoint_dir(out) / "state.json").read_text())["step"] == 2
     result = train.run(train.TrainConfig(out=str(out), resume=True), log=lambda *_: None)
     assert result["steps"] == 3 and not result["interrupted"]
-    assert max_diff(weights(out), weights(reference)) < 1e-5
+    assert max_diff(weights(out), weights(reference)) < TRAINED_RTOL
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
 
 
