@@ -178,12 +178,13 @@ class Engine:
     def chat_question(self, messages: list) -> str:
         """The question the formatter gets: the last user message (the form the model was trained
         on), or the whole conversation rendered by the tokenizer's chat template (--chat-template)."""
-        if self.chat_template and getattr(self.loaded.tokenizer, "chat_template", None):
+        tok = self.loaded.tokenizer
+        if self.chat_template and getattr(tok, "chat_template", None):
             with self.tok_lock:
-                text = self.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                 tokenize=False)
-            bos = getattr(self.loaded.tokenizer, "bos_token", None)
-            return text[len(bos):] if bos and text.startswith(bos) else text  # the formatter adds BOS
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                adds_bos = tok.bos_token and tok.encode("x")[:1] == [tok.bos_token_id]
+            # the formatter encodes with special tokens: drop a BOS it would add a second time
+            return text[len(tok.bos_token):] if adds_bos and text.startswith(tok.bos_token) else text
         users = [m["content"] for m in messages if m["role"] == "user"]
         if not users:
             raise ApiError("'messages' has no user message", param="messages")

@@ -211,3 +211,19 @@ def test_openai_client(server):
     assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == text
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="run", prompt=q, max_tokens=MAX_TOKENS, temperature=-1)
+
+
+def test_chat_template_flag_renders_the_conversation(smollm2_dir):
+    from mlx_coconut.serve import Engine
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]
+    loaded = api.load(smollm2_dir)
+    plain, templated = Engine(loaded), Engine(loaded, chat_template=True)
+    try:
+        assert plain.chat_question(messages) == "What is 2+3?"
+        text = templated.chat_question(messages)
+        assert "<|im_start|>system\nBe brief.<|im_end|>" in text
+        assert text.endswith("<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n")
+    finally:
+        plain.stop()
+        templated.stop()
