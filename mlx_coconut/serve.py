@@ -30,6 +30,7 @@ from . import api, coconut
 from .errors import UserError
 
 MAX_BODY = 8 << 20  # bytes of JSON per request
+MAX_PROMPTS = 64    # prompts per completion request
 
 
 class ApiError(Exception):
@@ -96,9 +97,9 @@ def completion_prompts(body: dict) -> list:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+    if isinstance(prompt, list) and 0 < len(prompt) <= MAX_PROMPTS and all(isinstance(p, str) for p in prompt):
         return prompt
-    raise ApiError("'prompt' must be a string or a non-empty list of strings", param="prompt")
+    raise ApiError(f"'prompt' must be a string or a list of 1 to {MAX_PROMPTS} strings", param="prompt")
 
 
 def _text(content) -> str:

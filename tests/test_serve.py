@@ -160,6 +160,7 @@ BAD = [
     ({"prompt": "hi", "stream": "yes"}, "'stream' must be bool", "stream"),
     ({"prompt": "hi", "n": 2}, "only n = 1", "n"),
     ({"prompt": [1, 2]}, "'prompt' must be", "prompt"),
+    ({"prompt": ["hi"] * 65}, "list of 1 to 64 strings", "prompt"),
     ({"prompt": "two " * 2100}, "exceed the context length 2048", "prompt"),
     ({"prompt": "hi", "max_tokens": 5000}, "exceed the context length 2048", "prompt"),
 ]
