@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -22,18 +23,20 @@ QUESTION_INDEX = 3
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny untied model, a full-weight stage-1 run, a LoRA stage-1 run and a QLoRA run."""
+    """Stage-1 runs of a tiny untied model: full weights, LoRA, QLoRA; and LoRA on a tied one."""
     root = tmp_path_factory.mktemp("fuse")
     records = synth_records(16, seed=0, min_steps=1, max_steps=2)
     save_records(records, root / "train.json")
     model = make_tiny_model(root / "model", records)
     common = dict(model=str(model), train=str(root / "train.json"), eval_samples=4, max_new_tokens=12,
                   batch_size=8, learning_rate=2e-3, save_every=0, seed=0, stage=1, c_thought=2)
+    tied = make_tiny_model(root / "model-tied", records, tie=True)
     out = {"root": root, "model": model, "records": records}
     for name, kw in {"full": dict(epochs=3), "lora": dict(epochs=4, lora=True, lora_rank=4),
+                     "lora-tied": dict(epochs=2, lora=True, lora_rank=4, model=str(tied)),
                      "qlora": dict(epochs=2, lora=True, lora_rank=4, q_bits=4)}.items():
         out[name] = root / name
-        train.run(train.TrainConfig(out=str(out[name]), **common, **kw), log=lambda *_: None)
+        train.run(train.TrainConfig(out=str(out[name]), **{**common, **kw}), log=lambda *_: None)
     return out
 
 
@@ -55,7 +58,7 @@ def assert_close(a, b, rel):
     assert err <= rel * scale, (err, scale)
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", ["full", "lora", "lora-tied"])
 def test_fused_dir_matches_run_and_opens_in_mlx_lm(runs, kind, tmp_path):
     out = tmp_path / f"fused-{kind}"
     r = fuse(runs[kind], "--out", out)
@@ -90,8 +93,8 @@ def test_fused_dir_matches_run_and_opens_in_mlx_lm(runs, kind, tmp_path):
     assert card.startswith("---\nlibrary_name: mlx") and "| stage | 1 |" in card
     assert "| c (thoughts per step) | 2 |" in card and "| continuous thoughts per question | 2 |" in card
     assert f"{ev['accuracy']:.3f} on {ev['n']} validation questions" in card
-    assert "`model`" in card and "`train.json`" in card  # base model and data
-    assert ("LoRA rank 4" in card) == (kind == "lora")
+    assert f"`{Path(ckpt.read_run(runs[kind])['source']).name}`" in card and "`train.json`" in card
+    assert ("LoRA rank 4" in card) == kind.startswith("lora")
 
 
 def test_qlora_fuse_keeps_4bit_or_dequantizes(runs, tmp_path):
