@@ -155,7 +155,7 @@ embeddings) and `<|end-latent|>`, then the model writes the answer after `###`.
 With the latent phase, as trained (`coconut.json` holds the settings):
 
 ```bash
-pip install mlx-coconut
+# with mlx-coconut installed (pip install -e . in its checkout)
 mlx-coconut generate --model {name} --prompt "Tom has 3 apples and buys 5 more. How many apples?"
 mlx-coconut serve --model {name}     # OpenAI-compatible: /v1/completions, /v1/chat/completions
 ```
