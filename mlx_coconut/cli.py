@@ -505,5 +505,63 @@ def entry():
     main()
 
 
+# ---------------------------------------------------------------- fuse / serve
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.option("--out", required=True, metavar="DIR", help="Output model directory.")
+@click.option("--dequantize", is_flag=True, help="Write full-precision weights (QLoRA / quantized bases).")
+@click.option("--upload-repo", default=None, metavar="ORG/NAME", help="Also upload to the Hugging Face Hub.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
+@friendly_errors
+def fuse(run_dir, out, dequantize, upload_repo, force):
+    """A standalone model directory from a run: LoRA merged, latent tokens, settings, model card."""
+    from . import fuse as fuse_lib
+
+    if upload_repo:
+        fuse_lib.check_repo_id(upload_repo)
+    path = fuse_lib.fuse(run_dir, out, dequantize=dequantize, force=force, log=click.echo)
+    if upload_repo:
+        fuse_lib.upload(path, upload_repo, log=click.echo)
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, metavar="DIR",
+              help="A run directory, a fused model directory or a converted model directory.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port (0: any free port).")
+@click.option("--max-tokens", type=int, default=256, show_default=True,
+              help="Default max_tokens when a request gives none.")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Prompts generated together when requests queue up.")
+@click.option("--chat-template", is_flag=True,
+              help="Chat requests: render the conversation with the tokenizer's chat template "
+                   "[default: the last user message, as the model was trained].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Cast the weights (default: as stored; use float32 on a Linux CPU).")
+@click.option("--quiet", is_flag=True, help="No per-request log lines.")
+@friendly_errors
+def serve(model_path, host, port, max_tokens, max_batch, chat_template, dtype, quiet):
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health."""
+    import mlx.core as mx
+
+    from . import api
+    from .serve import close_server, make_server
+
+    if max_tokens < 1 or max_batch < 1 or not 0 <= port <= 65535:
+        raise UserError("--max-tokens and --max-batch must be >= 1, --port in [0, 65535]")
+    loaded = api.load(model_path, dtype=getattr(mx, dtype) if dtype else None)
+    api.format_config(loaded)  # a mode the model cannot run fails now, not on the first request
+    server = make_server(loaded, host, port, max_batch, max_tokens, chat_template, quiet=quiet)
+    s = loaded.settings
+    click.echo(f"serving {model_path} ({s.mode}, stage {s.stage}, c={s.c_thought}) on "
+               f"http://{host}:{server.server_address[1]}/v1 (Ctrl-C to stop)", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        close_server(server)
+
+
 if __name__ == "__main__":
     entry()
