@@ -4,8 +4,9 @@ A converted model directory holds `config.json`, `model*.safetensors` and tokeni
 directory (`mlx-coconut train --out runs/NAME`) is accepted wherever a model directory is:
 
     runs/NAME/
-      coconut.json          resolved config: settings, token ids, base model, LoRA config, and
-                            "checkpoint": the current checkpoint sub-directory (the commit point)
+      coconut.json          resolved config: settings, token ids, base model, LoRA config,
+                            "checkpoint": the latest checkpoint sub-directory (the commit point) and
+                            "best": {checkpoint, accuracy, epoch, step} of the best validation accuracy
       ckpt-0000120/         the checkpoint: full weights (config.json + model.safetensors) or
                             adapters.safetensors (LoRA + the new-token rows; base from coconut.json),
                             tokenizer files (with the latent tokens), optimizer.safetensors,
@@ -17,7 +18,11 @@ Saving writes a temp directory, renames it to `ckpt-<step>`, then replaces `coco
 to point at it, and only then deletes the older checkpoint: a process that dies anywhere in between
 leaves the previous checkpoint loadable. Non-finite weights are never written. A training process
 holds an exclusive lock on `.lock` in the run directory for its lifetime (released by the OS when the
-process ends, however it ends).
+process ends, however it ends). The best checkpoint is kept beside the latest (often it is the same
+directory) and is only deleted once coconut.json names a better one.
+
+`RUN` selects the best checkpoint when the run recorded one (the official recipe picks checkpoints
+by validation accuracy), else the latest; `RUN:best` and `RUN:latest` choose explicitly.
 """
 
 import fcntl
@@ -43,6 +48,7 @@ from .model import Model, load_model
 
 RUN_FILE = "coconut.json"
 RUN_FORMAT = 1
+SELECTORS = ("best", "latest")
 
 
 @dataclass
@@ -91,6 +97,7 @@ class Loaded:
     path: Path
     run: Optional[dict] = None      # coconut.json of a run directory
     state: Optional[dict] = None    # the checkpoint's state.json (step, epoch, ...)
+    checkpoint: Optional[str] = None  # which checkpoint of the run was loaded (ckpt-NNNNNNN)
 
 
 def refuse_remote_code(path: Path):
@@ -138,9 +145,17 @@ def _read_json(file: Path) -> dict:
         raise UserError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
+def split_ref(ref) -> tuple:
+    """`RUN`, `RUN:best` or `RUN:latest` -> (Path(RUN), "best" | "latest" | None)."""
+    head, sep, tail = str(ref).rpartition(":")
+    if sep and head and tail in SELECTORS:
+        return Path(head), tail
+    return Path(ref), None
+
+
 def read_run(path) -> Optional[dict]:
     """coconut.json of a run directory (one with a checkpoint), else None."""
-    run_file = Path(path) / RUN_FILE
+    run_file = split_ref(path)[0] / RUN_FILE
     if not run_file.is_file():
         return None
     run = _read_json(run_file)
@@ -166,18 +181,31 @@ def read_settings(path: Path) -> Settings:
 CKPT_NAME = re.compile(r"ckpt-\d+")
 
 
-def checkpoint_dir(path) -> Path:
+def select_checkpoint(run: dict, ref, which: Optional[str] = None) -> str:
+    """The checkpoint sub-directory `ref` names: `which` (or the ref's `:best` / `:latest`), else the
+    best one when the run recorded a validation accuracy, else the latest."""
+    which = which or split_ref(ref)[1]
+    best = run.get("best")
+    if which == "best" and not best:
+        raise UserError(f"{ref}: no best checkpoint recorded (the run has no validation accuracy); "
+                        f"use {split_ref(ref)[0]}:latest")
+    if which == "latest" or not best:
+        return run["checkpoint"]
+    return best["checkpoint"]
+
+
+def checkpoint_dir(path, which: Optional[str] = None) -> Path:
     run = read_run(path)
     if run is None:
         raise UserError(f"{path}: not a run directory (no {RUN_FILE} with a checkpoint)")
-    name = run["checkpoint"]
+    name = select_checkpoint(run, path, which)
     # only a sub-directory of this run: an edited coconut.json must not load weights from elsewhere
     if not isinstance(name, str) or not CKPT_NAME.fullmatch(name):
-        raise UserError(f"{Path(path) / RUN_FILE}: \"checkpoint\": {json.dumps(name)} is not a checkpoint "
-                        f"of this run directory (expected a name like ckpt-0000120)")
-    ckpt = Path(path) / name
+        raise UserError(f"{split_ref(path)[0] / RUN_FILE}: \"checkpoint\": {json.dumps(name)} is not a "
+                        f"checkpoint of this run directory (expected a name like ckpt-0000120)")
+    ckpt = split_ref(path)[0] / name
     if ckpt.is_symlink() or not ckpt.is_dir():
-        raise UserError(f"{path}: {RUN_FILE} points at {run['checkpoint']}, which does not exist")
+        raise UserError(f"{path}: {RUN_FILE} points at {name}, which does not exist")
     return ckpt
 
 
@@ -278,10 +306,15 @@ def is_quantized(model) -> bool:
 
 
 def load(path, dtype: Optional[mx.Dtype] = None) -> Loaded:
-    """Load a converted model directory or a run directory (full weights or LoRA adapters)."""
-    path = Path(path)
+    """Load a converted model directory or a run directory (full weights or LoRA adapters).
+    A run is `RUN` (best checkpoint if recorded, else latest), `RUN:best` or `RUN:latest`."""
+    ref = path
+    path, which = split_ref(path)
     run = read_run(path)
     if run is None:
+        if which:
+            raise UserError(f"{ref}: ':{which}' selects a checkpoint of a run directory, and {path} "
+                            f"is not one (no {RUN_FILE} with a checkpoint)")
         model, _ = load_model(path, dtype=dtype)
         tokenizer = load_tokenizer(path)
         settings = read_settings(path)
@@ -289,7 +322,7 @@ def load(path, dtype: Optional[mx.Dtype] = None) -> Loaded:
             settings.latent_ids = latent_token_ids(tokenizer)
         return Loaded(model, tokenizer, settings, path)
 
-    ckpt = checkpoint_dir(path)
+    ckpt = checkpoint_dir(ref)
     tokenizer = load_tokenizer(ckpt)
     if run.get("weights") == "lora":
         model = _load_lora(run, ckpt, tokenizer, dtype)
@@ -299,7 +332,7 @@ def load(path, dtype: Optional[mx.Dtype] = None) -> Loaded:
     if settings.latent_ids is None:
         settings.latent_ids = latent_token_ids(tokenizer)
     state = _read_json(ckpt / "state.json") if (ckpt / "state.json").exists() else None
-    return Loaded(model, tokenizer, settings, path, run, state)
+    return Loaded(model, tokenizer, settings, path, run, state, ckpt.name)
 
 
 def _load_lora(run: dict, ckpt: Path, tokenizer, dtype) -> Model:
@@ -325,8 +358,8 @@ def _load_lora(run: dict, ckpt: Path, tokenizer, dtype) -> Model:
 
 
 def load_optimizer_state(path) -> tuple:
-    """(optimizer state tree, state.json dict) of a run directory's current checkpoint."""
-    ckpt = checkpoint_dir(path)
+    """(optimizer state tree, state.json dict) of a run directory's latest checkpoint."""
+    ckpt = checkpoint_dir(path, "latest")
     flat = load_safetensors(ckpt / "optimizer.safetensors")
     rng = flat.pop("__mx_random_state__", None)
     state = _read_json(ckpt / "state.json")
@@ -440,12 +473,33 @@ def save_checkpoint(run_dir, run: dict, model: Model, tokenizer, optimizer, stat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_json_atomic(run_dir / RUN_FILE, {**run, "format": RUN_FORMAT, "checkpoint": name})
+    best = (read_run(run_dir) or {}).get("best")  # kept across saves (and --resume)
+    write_json_atomic(run_dir / RUN_FILE, {**run, "format": RUN_FORMAT, "checkpoint": name,
+                                           **({"best": best} if best else {})})
     if not keep_previous:
-        for old in run_dir.glob("ckpt-*"):
-            if old.name != name and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
+        _remove_checkpoints(run_dir, keep={name, best and best["checkpoint"]})
     return final
+
+
+def mark_best(run_dir, accuracy: float, epoch: int, step: int) -> bool:
+    """Record the latest checkpoint as the best one if its validation accuracy beats the recorded
+    best (strictly, as the official `cur_acc > best_acc`; the first accuracy always counts).
+    Atomic: coconut.json names the new best before the old best directory is deleted."""
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    best = run.get("best")
+    if best is not None and accuracy <= best["accuracy"]:
+        return False
+    run["best"] = {"checkpoint": run["checkpoint"], "accuracy": accuracy, "epoch": epoch, "step": step}
+    write_json_atomic(run_dir / RUN_FILE, run)
+    _remove_checkpoints(run_dir, keep={run["checkpoint"]})
+    return True
+
+
+def _remove_checkpoints(run_dir: Path, keep: set):
+    for old in run_dir.glob("ckpt-*"):
+        if old.name not in keep and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_optimizer(file: Path, flat: dict):

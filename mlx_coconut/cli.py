@@ -69,16 +69,31 @@ def _progress(label, total):
 
 
 @data.command()
-@click.argument("dataset", type=click.Choice(["gsm8k"]))
+@click.argument("dataset", type=click.Choice(["gsm8k", "prosqa", "prontoqa"]))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--split", "splits", multiple=True, type=click.Choice(["train", "valid", "test"]),
-              help="Only these splits (repeatable) [default: all three; train is 87 MB].")
+              help="Only these splits (repeatable) [default: all three; GSM8k train is 87 MB].")
+@click.option("--source", default=None, metavar="FILE|URL",
+              help="prontoqa: the 5hop_0shot_random.json generated with the ProntoQA repository.")
 @friendly_errors
-def download(dataset, out_dir, splits):
-    """Download the iCoT GSM8k splits (pinned commit) as train/valid/test.json."""
-    from .data import download_gsm8k
+def download(dataset, out_dir, splits, source):
+    """Fetch a dataset as train/valid/test.json (official sources at pinned commits).
 
-    counts = download_gsm8k(out_dir, splits or ("train", "valid", "test"), progress=_progress)
+    
+    gsm8k:    the iCoT splits the official preprocessing uses
+    prosqa:   data/prosqa_*.json of facebookresearch/coconut
+    prontoqa: converts --source (5hop_0shot_random.json) as the official preprocessing/prontoqa.py
+    """
+    from . import data as D
+
+    splits = splits or ("train", "valid", "test")
+    if source and dataset != "prontoqa":
+        raise UserError(f"--source is for prontoqa (a generated file); {dataset} is downloaded")
+    if dataset == "prontoqa":
+        counts = D.download_prontoqa(out_dir, source, splits, progress=_progress)
+    else:
+        fn = D.download_gsm8k if dataset == "gsm8k" else D.download_prosqa
+        counts = fn(out_dir, splits, progress=_progress)
     for split, n in counts.items():
         click.echo(f"{split}: {n} records -> {out_dir}/{split}.json")
 
@@ -212,7 +227,8 @@ def _train_options(fn):
     opts = [
         click.option("-c", "--config", "config_file", type=click.Path(), help="YAML file with any of these options (flags win)."),
         click.option("--model", help="Model directory (or run directory) to start from."),
-        click.option("--init", help="Previous run directory: weights carried over (optimizer: see --reset-optimizer)."),
+        click.option("--init", help="Previous run (RUN = its best checkpoint if validated, else latest; "
+                     "RUN:best, RUN:latest): weights carried over (optimizer: see --reset-optimizer)."),
         click.option("--out", help="Run directory to write."),
         click.option("--resume", is_flag=True, default=None, help="Continue the run in --out (same data order)."),
         click.option("--train", "train_file", help="Training data (JSON/jsonl/iCoT); default: synthetic."),
@@ -221,7 +237,8 @@ def _train_options(fn):
         click.option("--eval-samples", type=int, help="Validation questions for loss + accuracy each epoch [32]."),
         click.option("--stage", type=int, help="Curriculum stage: 0 = CoT, k = first k steps -> k*c thoughts [0]."),
         click.option("--stages", help="Run consecutive stages, e.g. 0-3 (one run dir per stage under --out)."),
-        click.option("--epochs-per-stage", type=int, help="Epochs per stage with --stages [--epochs]."),
+        click.option("--epochs-per-stage", type=int, help="Epochs per stage with --stages [--epochs]; "
+                     "with --epochs too, --epochs is the whole schedule and the last stage runs the rest."),
         click.option("--mode", type=click.Choice(["cot", "coconut", "no-cot", "pause", "no-thought"]),
                      help="Default: cot at stage 0, coconut after."),
         click.option("--c-thought", type=int, help="Continuous thoughts per replaced step [1]."),
@@ -302,7 +319,7 @@ def train(config_file, train_file, **flags):
 # ---------------------------------------------------------------- generate (issue 4/6)
 @main.command()
 @click.option("--model", "model_path", required=True, metavar="DIR",
-              help="A converted model directory or a training run directory.")
+              help="A converted model directory or a training run (RUN, RUN:best, RUN:latest).")
 @click.option("--prompt", required=True, metavar="Q", help="The question.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0 = greedy).")
@@ -403,11 +420,13 @@ def _eval_progress(label, total):
 
 @main.command(name="eval")
 @click.option("--model", "models", required=True, multiple=True, metavar="DIR",
-              help="Model or run directory (repeat to compare; the first is the baseline).")
+              help="Model or run directory: RUN, RUN:best, RUN:latest (repeat to compare; the first "
+              "is the baseline).")
 @click.option("--data", "data_path", required=True, metavar="FILE", help="Test records (JSON/jsonl/iCoT).")
 @click.option("--samples", type=int, default=None, help="Only the first N records [all].")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-tokens", type=int, default=64, show_default=True, help="New tokens per answer.")
+@click.option("--max-tokens", type=int, default=None,
+              help="New tokens per answer [as official: 64 when every answer is a number (GSM8k), else 128].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Cast the weights (default: as stored; use float32 on a Linux CPU).")
 @click.option("--examples", "n_examples", type=int, default=3, show_default=True, help="Examples printed.")
@@ -421,9 +440,12 @@ def eval_cmd(models, data_path, samples, batch_size, max_tokens, dtype, n_exampl
     from .data import load_records
     from . import report as rep
 
-    if batch_size < 1 or max_tokens < 1 or (samples is not None and samples < 1):
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1) or (samples is not None and samples < 1):
         raise UserError("--batch-size, --max-tokens and --samples must be >= 1")
     records = load_records(data_path)[:samples]
+    if max_tokens is None:
+        from .evaluate import default_max_tokens
+        max_tokens = default_max_tokens(records)
     results = rep.compare(models, records, batch_size, max_tokens,
                           getattr(mx, dtype) if dtype else None, progress=_eval_progress)
     click.echo(rep.render_text(results, n_examples))

@@ -50,7 +50,9 @@ def stage_label(settings) -> str:
 
 
 def check_model_dir(path) -> Path:
-    p = Path(path)
+    from .checkpoint import split_ref
+
+    p = split_ref(path)[0]  # RUN:best / RUN:latest name a directory too
     if not p.is_dir():
         raise UserError(f"--model {path}: no such directory")
     if not (p / "config.json").exists() and not (p / "coconut.json").exists():

@@ -139,18 +139,26 @@ def parse_stages(text: str) -> list:
 
 
 def run_curriculum(config: TrainConfig, log=print) -> dict:
-    """Official schedule: stage s for `epochs_per_stage` epochs, optimizer reset at each stage."""
+    """Official schedule: stage s for `epochs_per_stage` epochs, optimizer reset at each stage.
+    With both `epochs_per_stage` and `epochs` (the official `num_epochs`: the whole schedule), the
+    last stage runs the remaining epochs, as the official loop keeps going at its final stage."""
     stages = parse_stages(config.stages)
     if not config.out:
         raise UserError("--out is required (the run directory)")
+    per_stage = [config.epochs_per_stage or config.epochs] * len(stages)
+    if config.epochs_per_stage and config.epochs:
+        per_stage[-1] = config.epochs - config.epochs_per_stage * (len(stages) - 1)
+        if per_stage[-1] < 1:
+            raise UserError(f"--epochs {config.epochs} leaves no epoch for stage {stages[-1]} after "
+                            f"{len(stages) - 1} stages of --epochs-per-stage {config.epochs_per_stage}")
     root = Path(config.out)
     prev, results = None, {}
-    for s in stages:
+    for s, epochs in zip(stages, per_stage):
         out = root / f"stage{s}"
         cfg = TrainConfig(**{**asdict(config), "stages": None, "stage": s, "out": str(out),
-                             "epochs": config.epochs_per_stage or config.epochs})
+                             "epochs": epochs})
         if s != stages[0]:
-            cfg.model, cfg.init = None, str(prev)
+            cfg.model, cfg.init = None, f"{prev}:latest"  # one continuous run, as official
             cfg.mode = None if config.mode in (None, "cot") else config.mode
         run_state = _run_state(out)
         if run_state and run_state.get("complete"):
@@ -179,7 +187,7 @@ def resolve(config: TrainConfig) -> tuple:
         raise UserError("--out is required (the run directory)")
     init_run = None
     if config.init:
-        p = Path(config.init)
+        p = ckpt.split_ref(config.init)[0]
         if not p.is_dir():
             raise UserError(f"--init {config.init}: no such directory")
         init_run = ckpt.read_run(p)
@@ -420,17 +428,18 @@ def setup_model(cfg: TrainConfig, init_run: Optional[dict], log):
     from .tokens import INIT_TOKEN, LatentTokens, add_latent_tokens, reset_latent_rows
 
     dtype = DTYPES[cfg.dtype]
-    source = Path(cfg.init or cfg.model)
+    ref = cfg.init or cfg.model
+    source = ckpt.split_ref(ref)[0]
     if init_run and init_run.get("weights") == "lora" and not cfg.lora:
         raise UserError(f"--init {source} is a LoRA run: continue it with --lora")
     if init_run and init_run.get("weights") == "lora":
         base_dir = Path(init_run["base_model"])
     elif ckpt.is_run_dir(source):  # LoRA on top of a full-weight run: its checkpoint is the base
-        base_dir = ckpt.checkpoint_dir(source)
+        base_dir = ckpt.checkpoint_dir(ref)
     else:
         base_dir = source
     warn_memory(base_dir, cfg, log)
-    loaded = ckpt.load(source, dtype=dtype)
+    loaded = ckpt.load(ref, dtype=dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     lora_cfg = None
     if cfg.lora:
@@ -466,7 +475,7 @@ def setup_model(cfg: TrainConfig, init_run: Optional[dict], log):
     special = SpecialIds(ids[0], ids[1], ids[2], eos)
     record = {"weights": weights, "lora": lora_cfg,
               "base_model": str(base_dir.resolve()) if weights == "lora" else None,
-              "source": str(source.resolve())}
+              "source": str(source.resolve()), "init_checkpoint": loaded.checkpoint}
     return model, tokenizer, special, record
 
 
@@ -767,11 +776,12 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     records, valid = load_data(cfg, log)
 
     if resume_state:
-        loaded = ckpt.load(out, dtype=DTYPES[cfg.dtype])
+        loaded = ckpt.load(f"{out}:latest", dtype=DTYPES[cfg.dtype])
         model, tokenizer = loaded.model, loaded.tokenizer
         lid = loaded.settings.latent_ids
         special = SpecialIds(lid["start"], lid["latent"], lid["end"], int(tokenizer.eos_token_id))
-        record = {k: loaded.run.get(k) for k in ("weights", "lora", "base_model", "source")}
+        record = {k: loaded.run.get(k) for k in ("weights", "lora", "base_model", "source",
+                                                 "init_checkpoint")}
     else:
         model, tokenizer, special, record = setup_model(cfg, init_run, log)
     if cfg.grad_checkpoint:
@@ -786,7 +796,7 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
                              latent_ids={"start": special.start_latent, "latent": special.latent,
                                          "end": special.end_latent})
     run_record = {**record, "settings": ckpt.settings_dict(settings), "config": asdict(cfg),
-                  "eos_id": special.eos, "init": str(Path(cfg.init).resolve()) if cfg.init else None}
+                  "eos_id": special.eos, "init": str(ckpt.split_ref(cfg.init)[0].resolve()) if cfg.init else None}
     run_record["config"]["resume"] = False
     run_record["config"]["stop_after_steps"] = None
     if record.get("weights") == "lora" and not resume_state:
@@ -851,7 +861,7 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
             if reset == "epoch" and epoch > 0 and first == 0:  # official reset_optimizer: every epoch
                 optimizer = make_optimizer(model, cfg)
             bar.desc = f"stage {cfg.stage} epoch {epoch + 1}/{cfg.epochs}"
-            grads, acc_loss, acc_n, acc_toks, t0 = None, 0.0, 0, 0, time.perf_counter()
+            grads, acc_loss, acc_n, acc_sup, acc_toks, t0 = None, 0.0, 0, 0, 0, time.perf_counter()
             group_start = first
             mx.reset_peak_memory()
             for bi in range(first, len(batches)):
@@ -863,10 +873,15 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
                     batch = make_batch(batches[bi], special.eos, special.latent, cfg.bucket)
                     loss, ntoks, g = stepper(batch)
                     ntokens = batch["ntokens"]
+                # micro-batches weighted by their supervised tokens: the accumulated gradient is the
+                # gradient of the whole accumulated batch (not a mean of per-micro-batch means)
+                n = supervised_tokens(batches[bi])
+                loss, g = loss * n, tree_map(lambda v: v * n, g)
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 mx.eval(loss, grads)
                 acc_loss += loss
                 acc_n += 1
+                acc_sup += n
                 acc_toks += ntokens
                 if acc_n < accum and bi + 1 < len(batches):
                     continue
@@ -874,12 +889,11 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
                     grads, acc_loss, hit = dist.all_sum(
                         (grads, acc_loss, mx.array(float(interrupt.hit))), f"step {step + 1}")
                     hit_anywhere = hit.item() > 0  # every rank stops at the same step
-                if accum > 1:
-                    grads = tree_map(lambda v: v / acc_n, grads)
+                grads = tree_map(lambda v: v / max(acc_sup, 1), grads)
                 optimizer.update(model, grads)
                 mx.eval(model.trainable_parameters(), optimizer.state)
                 step += 1
-                loss_val = (acc_loss / acc_n).item()
+                loss_val = (acc_loss / max(acc_sup, 1)).item()
                 if not math.isfinite(loss_val):
                     where = f"; the last good checkpoint is {last_saved}" if last_saved else \
                         " (no checkpoint was saved yet)"
@@ -898,7 +912,7 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
                         "time": round(time.time(), 3),
                         **({"ranks": dist.size, "all_sum_s": round(dist.wait_s, 3)} if dist.enabled else {})})
                     bar.update(step, loss_val, tps, peak)
-                grads, acc_loss, acc_n, acc_toks, t0 = None, 0.0, 0, 0, time.perf_counter()
+                grads, acc_loss, acc_n, acc_sup, acc_toks, t0 = None, 0.0, 0, 0, 0, time.perf_counter()
                 group_start = bi + 1
                 hit = hit_anywhere if dist.enabled else interrupt.hit
                 stop = hit or (cfg.stop_after_steps is not None and step >= cfg.stop_after_steps)
@@ -922,6 +936,9 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
                 log(f"warning: {w}")
             summary = end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, step,
                                    out, log, dist, warnings)
+            if dist.main and "accuracy" in summary and ckpt.mark_best(out, summary["accuracy"],
+                                                                      epoch + 1, step):
+                log(f"best validation accuracy so far: {last_saved.name} is {out}:best")
             model.train()
             summary_last = summary
     result = {"out": str(out), "steps": step, "losses": losses, "interrupted": False}
@@ -932,6 +949,11 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
 
 def _quiet(*_, **__):
     pass
+
+
+def supervised_tokens(examples) -> int:
+    """Tokens the loss is averaged over (labels != -100; the first position never is one)."""
+    return sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples)
 
 
 def shard_step(stepper, model, examples, special, cfg, dist) -> tuple:
