@@ -30,8 +30,9 @@ QUESTIONS = ["How many {obj} does {N} have now?", "How many {obj} does {N} end u
 OPS = ("add", "sub", "mul", "div", "ref")  # "ref": a step that reuses the first result ("as many as ...")
 
 
-def _opener(r, w, ops):
-    """First step: builds the starting amount. Returns (sentence, step, value, ref phrase)."""
+def _opener(r, w, ops, m):
+    """First step: builds the starting amount. Returns (sentence, step, value, ref phrase). Operand
+    ranges shrink with a small bound `m` (--max-value) so small-number problems stay varied."""
     kind = r.choice([k for k in ("mul", "add", "sub", "div") if k in ops])
     if kind == "mul":
         a, b = r.randint(2, 9), r.randint(2, 12)
@@ -39,13 +40,14 @@ def _opener(r, w, ops):
                          "{N} buys {a} {cs} of {obj}. Each {c} holds {b} {obj}."])
         return text.format(a=a, b=b, **w), f"<<{a}*{b}={a * b}>>", a * b, "in the {cs}".format(**w)
     if kind == "add":
-        a, b = r.randint(5, 40), r.randint(2, 30)
+        a = r.randint(min(5, m // 4), min(40, m - 2))
+        b = r.randint(2, min(30, m - a))
         text = r.choice(["{N} has {a} {obj}. {F} gives {o} {b} more.",
                          "{N} collects {a} {obj} on Monday and {b} {obj} on Tuesday."])
         ref = r.choice(["after Tuesday", "at that point"]) if "Tuesday" in text else "after {F}'s gift".format(**w)
         return text.format(a=a, b=b, **w), f"<<{a}+{b}={a + b}>>", a + b, ref
     if kind == "sub":
-        a = r.randint(10, 60)
+        a = r.randint(min(10, m // 2), min(60, m))
         b = r.randint(1, a - 2)
         text = r.choice(["{N} picks {a} {obj} and gives {b} of them to {F}.",
                          "{N} had {a} {obj} but lost {b} of them."])
@@ -63,7 +65,7 @@ def _step(r, w, v, first, ref, ops, max_value):
     kinds = ["add", "add", "sub", "sub", "mul", "div", "add_ref", "sub_ref"]
     kind = r.choice([k for k in kinds if k.replace("add_", "").replace("sub_", "") in ops])
     if kind == "add":
-        b = r.randint(2, 30)
+        b = r.randint(2, min(30, max(2, max_value // 2)))
         text = r.choice(["Then {p} buys {b} more {obj}.", "{F} gives {o} another {b} {obj}.",
                          "The next day {p} finds {b} more {obj}."])
         return text.format(b=b, **w), f"<<{v}+{b}={v + b}>>", v + b
@@ -111,7 +113,7 @@ def synth_record(r: random.Random, n_steps: int, ops=OPS, max_value: int = MAX_V
     w = dict(N=name, F=friend, p=p, P=p.capitalize(), o="her" if p == "she" else "him",
              obj=obj, c=c, cs=cs)
     while True:
-        sentence, step, v, ref = _opener(r, w, ops)
+        sentence, step, v, ref = _opener(r, w, ops, max_value)
         if _largest(step) > max_value:
             continue
         sentences, steps, first = [sentence], [step], v
@@ -140,8 +142,8 @@ def synth_records(n: int, seed: int = 0, min_steps: int = 1, max_steps: int = 5,
     if unknown or not set(ops) & {"add", "sub", "mul", "div"}:
         raise UserError(f"--ops {','.join(ops)}: choose one or more of {','.join(OPS)} "
                         f"(at least one of add, sub, mul, div)")
-    if not 20 <= max_value <= 100_000:
-        raise UserError(f"--max-value must be in [20, 100000] (got {max_value})")
+    if not 10 <= max_value <= 100_000:
+        raise UserError(f"--max-value must be in [10, 100000] (got {max_value})")
     if n < 1:
         raise UserError(f"--n must be at least 1 (got {n})")
     if not 1 <= min_steps <= max_steps:
