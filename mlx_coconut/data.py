@@ -9,7 +9,7 @@ e.g. ProsQA's graph, are kept in `Record.extra`). Readers accept three formats, 
            annotations (taken in order as the steps) and ends with `#### answer`. A jsonl whose lines
            already carry `steps` is read as official records.
 
-Two deliberate normalisations (same for every reader, documented in the README):
+Two deliberate normalisations (same for every reader, documented in docs/data.md):
 
 - Step-less records: the official preprocessing turns an empty iCoT step field into `steps == [""]`,
   which trains a blank line after the question. We drop empty/whitespace-only steps, so such a record

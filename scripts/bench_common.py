@@ -2,7 +2,7 @@
 
 Every benchmark measures ours and the peer in the same process, alternating (A B A B ...) so slow
 drifts of a shared machine hit both sides, and reports medians and their ratio. Nothing here is a
-test: run the scripts by hand (see README "Performance").
+test: run the scripts by hand (see docs/performance.md).
 """
 
 import argparse
