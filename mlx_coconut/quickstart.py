@@ -38,23 +38,21 @@ class Budget:
     note: str = ""
 
 
-# Chosen from the sweep in docs/quickstart.md (config → accuracy, tokens, minutes).
+# Chosen from the sweep in docs/quickstart.md (config -> accuracy, tokens, minutes): 2-step add/sub
+# problems with numbers up to 20 are the hardest a 135M model learns to write in ~7 minutes.
+_TASK = ("--min-steps", "2", "--max-steps", "2", "--ops", "add,sub", "--max-value", "20")
+_TRAIN = ("--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--bucket", "8")
 BUDGETS = {
     "default": Budget(
-        train=400, valid=32, test=200,
-        synth=("--min-steps", "2", "--max-steps", "2"),
-        train_flags=("--epochs", "1", "--batch-size", "8", "--lr", "1e-4"),
+        train=400, valid=32, test=200, synth=_TASK, train_flags=_TRAIN,
         latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "1"),
-        note="fits 20 minutes of a 2-core x86 CPU"),
+        max_tokens=24, note="~20 minutes on a 2-core x86 CPU"),
     "long": Budget(
-        train=1200, valid=32, test=200,
-        synth=("--min-steps", "2", "--max-steps", "2"),
-        train_flags=("--epochs", "1", "--batch-size", "8", "--lr", "1e-4"),
-        latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "1"),
-        note="about an hour on a 2-core x86 CPU"),
+        train=400, valid=32, test=200, synth=_TASK, train_flags=_TRAIN,
+        latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "3"),
+        max_tokens=24, note="~40 minutes on a 2-core x86 CPU: three epochs at stage 1"),
     "small": Budget(
-        train=8, valid=2, test=4,
-        synth=("--min-steps", "1", "--max-steps", "2"),
+        train=8, valid=2, test=4, synth=("--min-steps", "1", "--max-steps", "2"),
         train_flags=("--epochs", "1", "--batch-size", "8", "--lr", "1e-4"),
         latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "1"),
         max_tokens=12, note="CI smoke test: a few steps, ~1-3 minutes"),
