@@ -58,7 +58,7 @@ def main():
     """COCONUT (continuous latent reasoning) for Llama models in MLX."""
 
 
-# ---------------------------------------------------------------- data (issue 2)
+# ---------------------------------------------------------------- data
 @main.group()
 def data():
     """Download, convert, synthesise and inspect {question, steps, answer} datasets."""
@@ -150,10 +150,9 @@ def synth(n, seed, out, min_steps, max_steps, ops, max_value, exclude_files):
 @friendly_errors
 def stats(path, model_dir, c_thought, fmt, index):
     """Count, step distribution, one record raw and as the model sees it (stage 0, stage 1 c=1 / c=C)."""
-    from .data import load_records, load_tokenizer, stats_report
+    from .checkpoint import load_tokenizer
+    from .data import MAX_C_THOUGHT, load_records, stats_report
     from .errors import UserError
-
-    from .data import MAX_C_THOUGHT
 
     if not 1 <= c_thought <= MAX_C_THOUGHT:
         raise UserError(f"--c-thought must be between 1 and {MAX_C_THOUGHT} (got {c_thought})")
@@ -162,7 +161,7 @@ def stats(path, model_dir, c_thought, fmt, index):
     click.echo(stats_report(records, tokenizer, c_thought=c_thought, index=index))
 
 
-# ---------------------------------------------------------------- convert (issue 3)
+# ---------------------------------------------------------------- convert
 @main.command()
 @click.option("--hf-path", required=True, metavar="SRC",
               help="Hub id (meta-llama/Llama-3.1-8B-Instruct), local HF directory, or a .gguf file.")
@@ -221,7 +220,7 @@ def latent_tokens(model_path, prompt, max_tokens):
     click.echo(f"greedy after:  {prompt}{text_after!r} ({'unchanged' if text_after == text_before else 'CHANGED'})")
 
 
-# ---------------------------------------------------------------- train (issue 5)
+# ---------------------------------------------------------------- train
 def _train_options(fn):
     """Every `train` flag defaults to None so -c/--config YAML and an --init run can fill it."""
     opts = [
@@ -316,7 +315,7 @@ def train(config_file, train_file, **flags):
         sys.exit(130)  # saved; the conventional exit status of a Ctrl-C'd command
 
 
-# ---------------------------------------------------------------- generate (issue 4/6)
+# ---------------------------------------------------------------- generate
 @main.command()
 @click.option("--model", "model_path", required=True, metavar="DIR",
               help="A converted model directory or a training run (RUN, RUN:best, RUN:latest).")
@@ -413,7 +412,7 @@ def generate(model_path, prompt, max_tokens, temp, top_p, seed, show_latents, to
                f"{'' if answer.finished else ', hit --max-tokens'} | load {load_time:.1f}s]")
 
 
-# ---------------------------------------------------------------- eval / plot / quickstart (issue 6)
+# ---------------------------------------------------------------- eval / plot / quickstart
 def _eval_progress(label, total):
     return click.progressbar(length=total, label=f"{label:<20}", file=sys.stderr, show_pos=True)
 
@@ -572,7 +571,6 @@ def serve(model_path, host, port, max_tokens, max_batch, chat_template, dtype, q
     if max_tokens < 1 or max_batch < 1 or not 0 <= port <= 65535:
         raise UserError("--max-tokens and --max-batch must be >= 1, --port in [0, 65535]")
     loaded = api.load(model_path, dtype=getattr(mx, dtype) if dtype else None)
-    api.format_config(loaded)  # a mode the model cannot run fails now, not on the first request
     server = make_server(loaded, host, port, max_batch, max_tokens, chat_template, quiet=quiet)
     s = loaded.settings
     click.echo(f"serving {model_path} ({s.mode}, stage {s.stage}, c={s.c_thought}) on "

@@ -20,17 +20,18 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from . import checkpoint as ckpt
+from .adapters import ExtraRows, model_config
 from .errors import UserError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
-def merge_rows(layer: ckpt.ExtraRows) -> nn.Module:
+def merge_rows(layer: ExtraRows) -> nn.Module:
     """The base Embedding / Linear with the trained new-token rows written in (quantized like the
     base's other rows when the base is quantized)."""
     base = layer.base
-    idx = mx.array(layer._ids)
+    idx = mx.array(layer.ids)
     if isinstance(base, QUANTIZED):
         mode = getattr(base, "mode", "affine")
         parts = mx.quantize(layer.extra.astype(base.scales.dtype), base.group_size, base.bits, mode=mode)
@@ -55,9 +56,9 @@ def fuse_model(model, dequantize: bool = False):
         model.update_modules(tree_unflatten(fused))
     if dequantize:  # before the rows are merged, so the trained rows are written exactly
         dequantize_model(model)
-    if isinstance(model.model.embed_tokens, ckpt.ExtraRows):
+    if isinstance(model.model.embed_tokens, ExtraRows):
         model.model.embed_tokens = merge_rows(model.model.embed_tokens)
-    if isinstance(getattr(model, "lm_head", None), ckpt.ExtraRows):
+    if isinstance(getattr(model, "lm_head", None), ExtraRows):
         model.lm_head = merge_rows(model.lm_head)
     model.unfreeze()
     mx.eval(model.parameters())
@@ -188,7 +189,7 @@ def fuse(run_path, out, dequantize: bool = False, force: bool = False, log=print
 
     loaded = ckpt.load(run_dir)
     model = fuse_model(loaded.model, dequantize)
-    config = ckpt._model_config(model)
+    config = model_config(model)
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)
     if (q := quantization_config(model)) is not None:

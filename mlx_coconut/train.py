@@ -26,10 +26,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from . import checkpoint as ckpt
+from . import adapters, checkpoint as ckpt
 from . import distributed
-from .coconut import loss_fn
-from .data import MAX_C_THOUGHT, FormatConfig, MODES, SpecialIds, collate, format_record, load_records
+from .coconut import collated_loss, loss_fn
+from .data import MAX_C_THOUGHT, FormatConfig, MODES, SpecialIds, format_record, load_records, make_batch
 from .errors import UserError
 from .evaluate import evaluate, evaluate_sharded
 
@@ -364,12 +364,6 @@ def load_data(cfg: TrainConfig, log) -> tuple:
     return records, valid[: cfg.eval_samples] if cfg.eval_samples else []
 
 
-def format_config(cfg: TrainConfig, uniform: bool = True) -> FormatConfig:
-    return FormatConfig(mode=cfg.mode, stage=cfg.stage, c_thought=cfg.c_thought,
-                        max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=cfg.pad_latent_to_max,
-                        uniform_prob=cfg.uniform_prob if uniform else 0.0)
-
-
 def epoch_batches(records, tokenizer, fcfg: FormatConfig, ids: SpecialIds, cfg: TrainConfig,
                   epoch: int) -> list:
     """The epoch's batches of Examples: a deterministic function of (seed, epoch) so a resumed run
@@ -398,25 +392,6 @@ def epoch_batches(records, tokenizer, fcfg: FormatConfig, ids: SpecialIds, cfg: 
             steps += [cut[i] for i in order_rng.permutation(len(cut))]
         return [s[i:i + bs] for s in steps + short for i in range(0, len(s), bs)]
     return [[e] for e in examples]
-
-
-def make_batch(examples, pad_id: int, latent_id: int, bucket: int, latent_align: int = 8) -> dict:
-    """Collate (official left padding: every row's first latent in the same column), shift all rows
-    right so that column is a multiple of `latent_align`, then right-pad T up to a multiple of
-    `bucket`: compiled steps see few distinct (shape, latent columns) keys. Extra left padding is
-    masked and positions are column - left_pad, so the loss is unchanged."""
-    b = collate(examples, pad_id)
-    ids = b["input_ids"]
-    cols = np.flatnonzero((ids == latent_id).any(axis=0))
-    shift = (-int(cols[0])) % latent_align if len(cols) else 0
-    B, T = ids.shape
-    Tb = ((T + shift + bucket - 1) // bucket) * bucket
-    b["input_ids"] = np.pad(ids, ((0, 0), (shift, Tb - T - shift)), constant_values=pad_id)
-    b["labels"] = np.pad(b["labels"], ((0, 0), (shift, Tb - T - shift)), constant_values=-100)
-    b["left_pad"] = b["left_pad"] + shift
-    b["latent_mask"] = b["input_ids"] == latent_id
-    b["ntokens"] = int(b["lengths"].sum())
-    return b
 
 
 # ---------------------------------------------------------------- model set-up
@@ -451,15 +426,15 @@ def setup_model(cfg: TrainConfig, init_run: Optional[dict], log):
             ids = (ids["start"], ids["latent"], ids["end"])
         else:
             ids = add_latent_tokens(model, tokenizer).ids
-            if ckpt.is_quantized(model):
+            if adapters.is_quantized(model):
                 lora_cfg["quantization"] = None  # the base is stored quantized: used as-is
             elif cfg.q_bits:
-                ckpt.quantize_base(model, cfg.q_bits, cfg.q_group_size)
+                adapters.quantize_base(model, cfg.q_bits, cfg.q_group_size)
                 lora_cfg["quantization"] = {"bits": cfg.q_bits, "group_size": cfg.q_group_size}
-            ckpt.apply_lora(model, lora_cfg, ids)
+            adapters.apply_lora(model, lora_cfg, ids)
         weights = "lora"
     else:
-        if ckpt.is_quantized(model):
+        if adapters.is_quantized(model):
             raise UserError(f"{source}: the model is quantized; quantized weights cannot be fully "
                             f"fine-tuned: add --lora (QLoRA)")
         ids = add_latent_tokens(model, tokenizer).ids
@@ -577,13 +552,6 @@ class Stepper:
         return loss, ntoks, grads
 
 
-def batch_loss(model, batch, feedback) -> tuple:
-    lp = batch["left_pad"]
-    loss, ntoks = loss_fn(model, mx.array(batch["input_ids"]), mx.array(batch["labels"]),
-                          batch["latent_mask"], mx.array(lp) if lp.any() else None, feedback)
-    return loss, ntoks
-
-
 def validation_loss(model, batches, special, cfg, dist=None) -> float:
     total, n = 0.0, 0
     for ex in batches:
@@ -592,7 +560,7 @@ def validation_loss(model, batches, special, cfg, dist=None) -> float:
             if not ex:
                 continue
         b = make_batch(ex, special.eos, special.latent, cfg.bucket)
-        loss, ntoks = batch_loss(model, b, cfg.mode != "pause")
+        loss, ntoks = collated_loss(model, b, cfg.mode != "pause")
         mx.eval(loss, ntoks)
         total += loss.item() * ntoks.item()
         n += ntoks.item()
@@ -788,7 +756,7 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
         enable_grad_checkpoint(model)
     model.train()
 
-    fcfg = format_config(cfg)
+    fcfg = FormatConfig.from_settings(cfg, uniform_prob=cfg.uniform_prob)
     feedback = cfg.mode != "pause"
     settings = ckpt.Settings(mode=cfg.mode, stage=cfg.stage, c_thought=cfg.c_thought,
                              max_latent_stage=cfg.max_latent_stage,
@@ -824,7 +792,7 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     metrics_file = out / "metrics.jsonl"
     accum = cfg.grad_accumulation_steps
     last_saved = None
-    vfcfg = format_config(cfg, uniform=False)
+    vfcfg = settings.format_config()  # evaluation: no uniform stage mixing, as official
     n_batches = math.ceil(len(records) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_batches / accum)
     total_steps = steps_per_epoch * cfg.epochs
