@@ -25,6 +25,7 @@ directory) and is only deleted once coconut.json names a better one.
 by validation accuracy), else the latest; `RUN:best` and `RUN:latest` choose explicitly.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -420,6 +421,28 @@ def write_json_atomic(file, data):
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """A temp directory beside `out` to fill; once the block succeeds it becomes `out` (an existing
+    `out` is swapped out, then deleted), and on any failure it is removed: `out` is never half-written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():  # --force: swap in the new directory, then delete the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def append_jsonl(file, record: dict):

@@ -9,9 +9,7 @@ the latent phase as trained. `README.md` is a model card built from the run's `e
 """
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -199,25 +197,12 @@ def fuse(run_path, out, dequantize: bool = False, force: bool = False, log=print
               "step": (loaded.state or {}).get("step"), "weights": run.get("weights"),
               "lora": run.get("lora"), "dequantized": dequantize, "eos_id": run.get("eos_id")}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with ckpt.atomic_dir(out) as tmp:
         save_model(tmp, model)
         save_config(config, config_path=tmp / "config.json")
         getattr(loaded.tokenizer, "_tokenizer", loaded.tokenizer).save_pretrained(str(tmp))
         (tmp / ckpt.RUN_FILE).write_text(json.dumps(record, indent=2))
         (tmp / "README.md").write_text(model_card(out.name, run, run_dir, loaded.state, dequantize))
-        if out.exists():  # --force: swap in the new directory, then delete the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log(f"wrote {out} ({size / 1e6:.1f} MB): {run.get('weights')} weights, mode {settings['mode']}, "
         f"stage {settings['stage']}, c={settings['c_thought']}")

@@ -31,33 +31,21 @@ class Budget:
     train: int
     valid: int
     test: int
-    synth: tuple = ()            # extra `data synth` flags (difficulty knobs)
-    train_flags: tuple = ()      # flags shared by the CoT and no-CoT runs
-    latent_flags: tuple = ()     # flags of the COCONUT run (started with --init from the CoT run)
+    synth: tuple = ("--min-steps", "2", "--max-steps", "2")  # extra `data synth` flags (difficulty)
+    # flags shared by the CoT and no-CoT runs
+    train_flags: tuple = ("--epochs", "1", "--batch-size", "8", "--lr", "1e-4")
+    # flags of the COCONUT run (started with --init from the CoT run)
+    latent_flags: tuple = ("--stage", "1", "--c-thought", "1", "--epochs", "1")
     max_tokens: int = 32         # new tokens per answer at eval
     note: str = ""
 
 
 # Chosen from the sweep in docs/quickstart.md (config → accuracy, tokens, minutes).
 BUDGETS = {
-    "default": Budget(
-        train=400, valid=32, test=200,
-        synth=("--min-steps", "2", "--max-steps", "2"),
-        train_flags=("--epochs", "1", "--batch-size", "8", "--lr", "1e-4"),
-        latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "1"),
-        note="fits 20 minutes of a 2-core x86 CPU"),
-    "long": Budget(
-        train=1200, valid=32, test=200,
-        synth=("--min-steps", "2", "--max-steps", "2"),
-        train_flags=("--epochs", "1", "--batch-size", "8", "--lr", "1e-4"),
-        latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "1"),
-        note="about an hour on a 2-core x86 CPU"),
-    "small": Budget(
-        train=8, valid=2, test=4,
-        synth=("--min-steps", "1", "--max-steps", "2"),
-        train_flags=("--epochs", "1", "--batch-size", "8", "--lr", "1e-4"),
-        latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "1"),
-        max_tokens=12, note="CI smoke test: a few steps, ~1-3 minutes"),
+    "default": Budget(train=400, valid=32, test=200, note="fits 20 minutes of a 2-core x86 CPU"),
+    "long": Budget(train=1200, valid=32, test=200, note="about an hour on a 2-core x86 CPU"),
+    "small": Budget(train=8, valid=2, test=4, synth=("--min-steps", "1", "--max-steps", "2"),
+                    max_tokens=12, note="CI smoke test: a few steps, ~1-3 minutes"),
 }
 SEEDS = {"train": 0, "valid": 1, "test": 2}  # disjoint generators for the three splits
 RUNS = ("cot", "no-cot", "coconut")
