@@ -316,6 +316,39 @@ def train(config_file, train_file, **flags):
 
 
 # ---------------------------------------------------------------- generate
+
+
+def _check_generate_flags(prompt, max_tokens, temp, top_p, top_k):
+    import math
+
+    if top_k < 1:
+        raise UserError(f"--top-k must be >= 1 (got {top_k})")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1 (got {max_tokens})")
+    if not prompt.strip():
+        raise UserError("--prompt is empty")
+    if not (math.isfinite(temp) and temp >= 0) or not 0 < top_p <= 1:
+        raise UserError("--temp must be a finite number >= 0 and --top-p in (0, 1]")
+
+
+def _echo_thoughts(ids, prompt_ids, described, show_latents):
+    """The latent phase as text: the markers, one line per thought (its nearest tokens and norm with
+    --show-latents), or the pause tokens when nothing is fed back."""
+    if ids.start_latent in prompt_ids:
+        click.echo("<|start-latent|>")
+    for d in described:
+        line = f"  thought {d['index'] + 1}"
+        if show_latents:
+            top = "  ".join(f"{t['token']!r} {t['prob']:.3f}" for t in d["top_k"])
+            line += f"  norm {d['norm']:.2f}  {top}"
+        click.echo(line)
+    if not described:  # pause mode: latents are ordinary (learned) tokens, nothing is fed back
+        for i in range(prompt_ids.count(ids.latent)):
+            click.echo(f"  <|latent|> {i + 1} (pause token)")
+    if ids.end_latent in prompt_ids:
+        click.echo("<|end-latent|>")
+
+
 @main.command()
 @click.option("--model", "model_path", required=True, metavar="DIR",
               help="A converted model directory or a training run (RUN, RUN:best, RUN:latest).")
@@ -334,21 +367,13 @@ def train(config_file, train_file, **flags):
 def generate(model_path, prompt, max_tokens, temp, top_p, seed, show_latents, top_k, dtype, as_json):
     """Latent-then-text generation: the question, the continuous thoughts, then the answer."""
     import json
-    import math
     import time
 
     import mlx.core as mx
 
     from . import api
 
-    if top_k < 1:
-        raise UserError(f"--top-k must be >= 1 (got {top_k})")
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1 (got {max_tokens})")
-    if not prompt.strip():
-        raise UserError("--prompt is empty")
-    if not (math.isfinite(temp) and temp >= 0) or not 0 < top_p <= 1:
-        raise UserError("--temp must be a finite number >= 0 and --top-p in (0, 1]")
+    _check_generate_flags(prompt, max_tokens, temp, top_p, top_k)
     if seed is not None:
         mx.random.seed(seed)
     start = time.perf_counter()
@@ -360,21 +385,8 @@ def generate(model_path, prompt, max_tokens, temp, top_p, seed, show_latents, to
     def on_thoughts(thoughts, mask):  # between the latent and the text phase: print the thoughts
         rows = thoughts[0][mx.array(mask[0].nonzero()[0])] if thoughts is not None else None
         described.extend(api.describe_thoughts(loaded, rows, top_k))
-        if as_json:
-            return
-        if api.special_ids(loaded).start_latent in prompt_ids:
-            click.echo("<|start-latent|>")
-        for d in described:
-            line = f"  thought {d['index'] + 1}"
-            if show_latents:
-                top = "  ".join(f"{t['token']!r} {t['prob']:.3f}" for t in d["top_k"])
-                line += f"  norm {d['norm']:.2f}  {top}"
-            click.echo(line)
-        if not described:  # pause mode: latents are ordinary (learned) tokens, nothing is fed back
-            for i in range(prompt_ids.count(api.special_ids(loaded).latent)):
-                click.echo(f"  <|latent|> {i + 1} (pause token)")
-        if api.special_ids(loaded).end_latent in prompt_ids:
-            click.echo("<|end-latent|>")
+        if not as_json:
+            _echo_thoughts(api.special_ids(loaded), prompt_ids, described, show_latents)
 
     detok = tok.detokenizer
     detok.reset()

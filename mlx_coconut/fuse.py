@@ -98,7 +98,8 @@ def eval_entry(run_dir: Path, step: Optional[int]) -> Optional[dict]:
     return (same or entries or [None])[-1]
 
 
-def model_card(name: str, run: dict, run_dir: Path, state: Optional[dict], dequantize: bool) -> str:
+def card_rows(run: dict, run_dir: Path, state: Optional[dict], dequantize: bool) -> tuple:
+    """The model card's table rows (what was trained, from what, how well) and its thoughts count."""
     s, cfg, lora = run.get("settings", {}), run.get("config", {}), run.get("lora")
     base = base_model_of(run)
     thoughts = min(s.get("stage", 0), s.get("max_latent_stage", 3)) * s.get("c_thought", 1) \
@@ -129,6 +130,11 @@ def model_card(name: str, run: dict, run_dir: Path, state: Optional[dict], dequa
             ("continuous thoughts per question", thoughts),
             ("latent token ids", json.dumps(s.get("latent_ids"))),
             ("training steps", (state or {}).get("step", "?")), ("validation accuracy", acc)]
+    return rows, thoughts
+
+
+def model_card(name: str, run: dict, run_dir: Path, state: Optional[dict], dequantize: bool) -> str:
+    rows, thoughts = card_rows(run, run_dir, state, dequantize)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""---
 library_name: mlx
