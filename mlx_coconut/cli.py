@@ -222,55 +222,31 @@ def latent_tokens(model_path, prompt, max_tokens):
 
 # ---------------------------------------------------------------- train
 def _train_options(fn):
-    """Every `train` flag defaults to None so -c/--config YAML and an --init run can fill it."""
-    opts = [
-        click.option("-c", "--config", "config_file", type=click.Path(), help="YAML file with any of these options (flags win)."),
-        click.option("--model", help="Model directory (or run directory) to start from."),
-        click.option("--init", help="Previous run (RUN = its best checkpoint if validated, else latest; "
-                     "RUN:best, RUN:latest): weights carried over (optimizer: see --reset-optimizer)."),
-        click.option("--out", help="Run directory to write."),
-        click.option("--resume", is_flag=True, default=None, help="Continue the run in --out (same data order)."),
-        click.option("--train", "train_file", help="Training data (JSON/jsonl/iCoT); default: synthetic."),
-        click.option("--valid", help="Validation data (default: synthetic / a training subset)."),
-        click.option("--samples", type=int, help="Train on the first N records after a seeded shuffle."),
-        click.option("--eval-samples", type=int, help="Validation questions for loss + accuracy each epoch [32]."),
-        click.option("--stage", type=int, help="Curriculum stage: 0 = CoT, k = first k steps -> k*c thoughts [0]."),
-        click.option("--stages", help="Run consecutive stages, e.g. 0-3 (one run dir per stage under --out)."),
-        click.option("--epochs-per-stage", type=int, help="Epochs per stage with --stages [--epochs]; "
-                     "with --epochs too, --epochs is the whole schedule and the last stage runs the rest."),
-        click.option("--mode", type=click.Choice(["cot", "coconut", "no-cot", "pause", "no-thought"]),
-                     help="Default: cot at stage 0, coconut after."),
-        click.option("--c-thought", type=int, help="Continuous thoughts per replaced step [1]."),
-        click.option("--max-latent-stage", type=int, help="Stages past this remove all steps [3]."),
-        click.option("--pad-latent-to-max/--no-pad-latent-to-max", default=None, help="Official pad_latent_to_max [on]: past max-latent-stage every record gets max_latent_stage*c thoughts."),
-        click.option("--uniform-prob", type=float, help="Probability of a uniformly random stage per example [0]."),
-        click.option("--epochs", type=int, help="Epochs [3]."),
-        click.option("--batch-size", type=int, help="Batch size [8]."),
-        click.option("--learning-rate", "--lr", "learning_rate", type=float, help="AdamW learning rate [1e-4] (bias-corrected, as torch)."),
-        click.option("--weight-decay", type=float, help="AdamW weight decay [0.01]."),
-        click.option("--reset-optimizer", type=click.Choice(["epoch", "stage", "never"]),
-                     help="Re-create AdamW every epoch, once per run, or never (continue --init's) "
-                          "[epoch for latent modes, as the official code; stage for cot/no-cot]."),
-        click.option("--grad-accumulation-steps", type=int, help="Micro-batches per optimizer step [1]."),
-        click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute blocks in backward."),
-        click.option("--max-seq-length", type=int, help="Drop longer examples [1024]."),
-        click.option("--seed", type=int, help="Seed for data order, sampling and init [0]."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-                     help="Training dtype [float32 on CPU, bfloat16 on Metal]."),
-        click.option("--lora/--no-lora", default=None, help="LoRA on attention/MLP projections (+ new-token rows)."),
-        click.option("--lora-rank", type=int, help="LoRA rank [8]."),
-        click.option("--lora-scale", type=float, help="LoRA scale [20.0] (mlx-lm convention)."),
-        click.option("--lora-layers", type=int, help="LoRA on the last N blocks [all]."),
-        click.option("--lora-dropout", type=float, help="LoRA dropout [0]."),
-        click.option("-q", "--q-bits", type=int, help="QLoRA: quantize the frozen base to this many bits (with --lora)."),
-        click.option("--q-group-size", type=int, help="QLoRA quantization group size [64]."),
-        click.option("--save-every", type=int, help="Checkpoint every N optimizer steps [500]; always at epoch ends."),
-        click.option("--max-new-tokens", type=int, help="Generation budget for the per-epoch accuracy [64]."),
-        click.option("--synth-samples", type=int, help="Synthetic records when no --train [1000]."),
-        click.option("--compile/--no-compile", default=None, help="mx.compile the training step (one trace per shape and latent layout) [on]."),
-        click.option("--bucket", type=int, help="Pad batch lengths up to a multiple of this: fewer compiled "
-                     "shapes vs less padding [32]."),
-    ]
+    """The `train` flags, built from the TrainConfig fields (one declaration: name, type, help,
+    default). Every flag defaults to None so -c/--config YAML and an --init run can fill it."""
+    import typing
+    from dataclasses import fields
+
+    from .train import TrainConfig, help_text
+
+    opts = [click.option("-c", "--config", "config_file", type=click.Path(),
+                         help="YAML file with any of these options (flags win).")]
+    for f in fields(TrainConfig):
+        m = f.metadata
+        if not m["cli"]:
+            continue
+        name = "--" + f.name.replace("_", "-")
+        param = "train_file" if f.name == "train" else f.name  # `train` is this command's name
+        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
+        if f.name == "resume":
+            decls, kw = (name,), dict(is_flag=True, default=None)
+        elif kind is bool:
+            decls, kw = (f"{name}/--no-{name[2:]}",), dict(default=None)
+        else:
+            decls = (*[x for x in m["flags"] if not x.startswith("--")], name,
+                     *[x for x in m["flags"] if x.startswith("--")])
+            kw = dict(type=click.Choice(m["choices"]) if m["choices"] else kind)
+        opts.append(click.option(*decls, param, help=help_text(f), **kw))
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
