@@ -227,7 +227,7 @@ def _train_options(fn):
     import typing
     from dataclasses import fields
 
-    from .train import TrainConfig, help_text
+    from .options import TrainConfig, help_text
 
     opts = [click.option("-c", "--config", "config_file", type=click.Path(),
                          help="YAML file with any of these options (flags win).")]

@@ -6,10 +6,10 @@ collated with the official left padding, and trained with AdamW on `coconut.loss
 loop). A curriculum (`stages="0-3"`) runs consecutive stages, each from the previous one's weights with
 a fresh optimizer (official `reset_optimizer`), each in its own run directory `OUT/stageK`.
 
-Shape (as mlx-lm's `tuner/trainer.py`): `train_loop` does accumulation, the optimizer update and the
-NaN guard over a step function, and reports through `Callbacks`; `StageCallbacks` writes metrics,
-the progress bar, checkpoints, epoch evaluation and handles Ctrl-C; `RunDir` owns the run directory
-(lock, metrics.jsonl, checkpoints, best). `_train_stage` wires one stage together.
+Here: resolving the options (`options.py` declares them), setting the model up, the formatted and
+length-grouped epochs, the step function, and `StageCallbacks` (metrics, progress bar, checkpoints,
+Ctrl-C, epoch evaluation, best checkpoint) with `RunDir` (the run directory's lock, metrics and
+checkpoints) around the generic loop of `trainer.py`. `_train_stage` wires one stage together.
 """
 
 import contextlib
@@ -20,7 +20,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -37,116 +37,11 @@ from .coconut import collated_loss, loss_fn
 from .data import MAX_C_THOUGHT, FormatConfig, MODES, SpecialIds, format_record, load_records, make_batch
 from .errors import UserError
 from .evaluate import evaluate, evaluate_sharded
+from .options import (DEFAULTS, DTYPES, INHERITED, RESET_CHOICES, TrainConfig,  # noqa: F401 (re-exported)
+                      config_from_dict)
+from .trainer import Callbacks, StepReport, train_loop
 
 POOL_BATCHES = 16  # latent stages: batches grouped by latent start within pools of this many
-RESET_CHOICES = ("epoch", "stage", "never")
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-def option(help: str, default=None, inherit: bool = False, shown: Optional[str] = None,
-           flags: tuple = (), choices: Optional[tuple] = None, cli: bool = True, initial=None):
-    """One `train` option, declared once: a TrainConfig field (None until `resolve` fills it: from
-    the flags or a -c YAML file, from the --init run when `inherit`, else `default`), its help text
-    (ending in "[default]", or `[shown]`) and its click flags (`flags`: extra names)."""
-    return field(default=initial, metadata=dict(help=help, default=default, inherit=inherit, shown=shown,
-                                                flags=flags, choices=choices, cli=cli))
-
-
-@dataclass
-class TrainConfig:
-    """Every option of `mlx-coconut train` (and its -c YAML keys); `cli.py` builds the flags from it."""
-    # what to train from / where to write
-    model: Optional[str] = option("Model directory (or run directory) to start from.")
-    init: Optional[str] = option("Previous run (RUN = its best checkpoint if validated, else latest; "
-                                 "RUN:best, RUN:latest): weights carried over (optimizer: see "
-                                 "--reset-optimizer).")
-    out: Optional[str] = option("Run directory to write.")
-    resume: bool = option("Continue the run in --out (same data order).", initial=False)
-    # data (None = inherit from --init's run, else the defaults)
-    train: Optional[str] = option("Training data (JSON/jsonl/iCoT); default: synthetic.", inherit=True)
-    valid: Optional[str] = option("Validation data (default: synthetic / a training subset).", inherit=True)
-    samples: Optional[int] = option("Train on the first N records after a seeded shuffle.", inherit=True)
-    eval_samples: Optional[int] = option("Validation questions for loss + accuracy each epoch.", 32,
-                                         inherit=True)
-    # COCONUT
-    stage: int = option("Curriculum stage: 0 = CoT, k = first k steps -> k*c thoughts.", shown="0",
-                        initial=0)
-    stages: Optional[str] = option("Run consecutive stages, e.g. 0-3 (one run dir per stage under --out).")
-    epochs_per_stage: Optional[int] = option(
-        "Epochs per stage with --stages; with --epochs too, --epochs is the whole schedule and the "
-        "last stage runs the rest.", shown="--epochs")
-    mode: Optional[str] = option("Training mode.", choices=MODES, shown="cot at stage 0, coconut after")
-    c_thought: Optional[int] = option("Continuous thoughts per replaced step.", FormatConfig.c_thought,
-                                      inherit=True)
-    max_latent_stage: Optional[int] = option("Stages past this remove all steps.",
-                                             FormatConfig.max_latent_stage, inherit=True)
-    pad_latent_to_max: Optional[bool] = option(
-        "Official pad_latent_to_max: past max-latent-stage every record gets max_latent_stage*c "
-        "thoughts.", FormatConfig.pad_latent_to_max, inherit=True)
-    uniform_prob: Optional[float] = option("Probability of a uniformly random stage per example.",
-                                           FormatConfig.uniform_prob, inherit=True)
-    # optimisation
-    reset_optimizer: Optional[str] = option(
-        "Re-create AdamW every epoch, once per run, or never (continue --init's).", choices=RESET_CHOICES,
-        shown="epoch for latent modes, as the official code; stage for cot/no-cot")
-    epochs: Optional[int] = option("Epochs.", 3, inherit=True)
-    batch_size: Optional[int] = option("Batch size.", 8, inherit=True)
-    learning_rate: Optional[float] = option("AdamW learning rate (bias-corrected, as torch).", 1e-4,
-                                            inherit=True, flags=("--lr",))
-    weight_decay: Optional[float] = option("AdamW weight decay.", 0.01, inherit=True)
-    grad_accumulation_steps: Optional[int] = option("Micro-batches per optimizer step.", 1, inherit=True)
-    grad_checkpoint: Optional[bool] = option("Recompute whole blocks in the backward pass.", False,
-                                             inherit=True)
-    max_seq_length: Optional[int] = option("Drop longer examples.", 1024, inherit=True)
-    seed: Optional[int] = option("Seed for data order, sampling and init.", 0, inherit=True)
-    dtype: Optional[str] = option("Training dtype.", inherit=True, choices=tuple(DTYPES),
-                                  shown="float32 on CPU, bfloat16 on Metal")
-    # LoRA / QLoRA
-    lora: Optional[bool] = option("LoRA on attention/MLP projections (+ new-token rows).", False,
-                                  inherit=True)
-    lora_rank: Optional[int] = option("LoRA rank.", 8, inherit=True)
-    lora_scale: Optional[float] = option("LoRA scale (mlx-lm convention).", 20.0, inherit=True)
-    lora_layers: Optional[int] = option("LoRA on the last N blocks.", 0, inherit=True, shown="all")
-    lora_dropout: Optional[float] = option("LoRA dropout.", 0.0, inherit=True)
-    q_bits: Optional[int] = option("QLoRA: quantize the frozen base to this many bits (with --lora).",
-                                   inherit=True, flags=("-q",))
-    q_group_size: Optional[int] = option("QLoRA quantization group size.", 64, inherit=True)
-    # bookkeeping
-    save_every: Optional[int] = option("Checkpoint every N optimizer steps (0: only at epoch ends, "
-                                       "where it always saves).", 500)
-    max_new_tokens: Optional[int] = option("Generation budget for the per-epoch accuracy.", 64, inherit=True)
-    synth_samples: Optional[int] = option("Synthetic records when no --train.", 1000, inherit=True)
-    compile: Optional[bool] = option("mx.compile the training step (one trace per shape and latent "
-                                     "layout).", True)
-    bucket: Optional[int] = option("Pad batch lengths up to a multiple of this: fewer compiled shapes "
-                                   "vs less padding.", 32, inherit=True)
-    # behave like Ctrl-C after this global step (tests)
-    stop_after_steps: Optional[int] = option("", cli=False)
-
-
-DEFAULTS = {f.name: f.metadata["default"] for f in fields(TrainConfig) if f.metadata["default"] is not None}
-# carried over from an --init run unless given again (data, hyper-parameters, LoRA)
-INHERITED = tuple(f.name for f in fields(TrainConfig) if f.metadata["inherit"])
-
-
-def help_text(f) -> str:
-    """An option's help ending in its default: "[on]", "[0.0001]", or what `shown` says."""
-    m, default = f.metadata, f.metadata["default"]
-    shown = m["shown"] or ("on" if default is True else None if default is None or default is False
-                           else f"{default:g}" if isinstance(default, float) else str(default))
-    if not shown:
-        return m["help"]
-    text = m["help"].rstrip(".")
-    return f"{text} [{shown}]" + ("." if text != m["help"] else "")
-
-
-def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    d = {k.replace("-", "_"): v for k, v in d.items()}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}")
-    return TrainConfig(**d)
 
 
 # ---------------------------------------------------------------- entry point
@@ -857,93 +752,7 @@ def _log_start(cfg: TrainConfig, record: dict, model, out: Path, n_records: int,
         f"{cfg.dtype} -> {out}")
 
 
-# ---------------------------------------------------------------- the loop
-
-
-@dataclass
-class StepReport:
-    """One optimizer step, as `train_loop` reports it."""
-    step: int
-    epoch: int
-    next_batch: int       # the epoch's first micro-batch not yet in a step: where a resume starts
-    n_batches: int
-    loss: float
-    tokens: int
-    tokens_per_sec: float
-    optimizer: object
-
-
-class Callbacks:
-    """What `train_loop` reports to; every hook is a no-op here."""
-
-    def begin_epoch(self, epoch: int, first: int, optimizer):
-        """Called before the epoch's first micro-batch; returns the optimizer to train it with."""
-        return optimizer
-
-    def stop_requested(self) -> bool:
-        return False
-
-    def after_step(self, report: StepReport, stop: bool) -> bool:
-        """Called after every optimizer step (`stop`: a stop was requested); True ends the run."""
-        return stop
-
-    def diverged(self, report: StepReport):
-        """Called on a non-finite loss; should raise a UserError saying what to do."""
-
-    def end_epoch(self, epoch: int, step: int, optimizer):
-        pass
-
-
-class _Accumulator:
-    """Micro-batches of one optimizer step, weighted by their supervised tokens: the summed gradient
-    divided by the token count is the gradient of the whole batch, not a mean of per-batch means."""
-
-    def __init__(self):
-        self.grads, self.loss, self.n, self.supervised, self.tokens = None, 0.0, 0, 0, 0
-        self.t0 = time.perf_counter()
-
-    def add(self, loss, grads, supervised: int, tokens: int):
-        loss, grads = loss * supervised, tree_map(lambda v: v * supervised, grads)
-        self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
-        mx.eval(loss, self.grads)
-        self.loss += loss
-        self.n += 1
-        self.supervised += supervised
-        self.tokens += tokens
-
-
-def train_loop(model, optimizer, epochs, step_fn, callbacks: Callbacks, accum: int = 1, reduce=None,
-               start_step: int = 0) -> dict:
-    """mlx-lm's trainer shape. For each (epoch, micro-batches, first index) of `epochs`: run
-    `step_fn(examples, epoch, index)` → (loss, grads, supervised tokens, tokens) on each micro-batch,
-    sum `accum` of them, `reduce(grads, loss, stop, step)` the sums across ranks (None: one process),
-    update on the token-weighted mean gradient, and report the step to `callbacks`.
-    Returns {"step", "losses", "interrupted"}."""
-    step, losses = start_step, []
-    for epoch, batches, first in epochs:
-        optimizer = callbacks.begin_epoch(epoch, first, optimizer)
-        acc = _Accumulator()
-        for bi in range(first, len(batches)):
-            acc.add(*step_fn(batches[bi], epoch, bi))
-            if acc.n < accum and bi + 1 < len(batches):
-                continue
-            grads, loss, stop = acc.grads, acc.loss, callbacks.stop_requested()
-            if reduce is not None:
-                grads, loss, stop = reduce(grads, loss, stop, step + 1)
-            optimizer.update(model, tree_map(lambda v: v / max(acc.supervised, 1), grads))
-            mx.eval(model.trainable_parameters(), optimizer.state)
-            step += 1
-            report = StepReport(step, epoch, bi + 1, len(batches), (loss / max(acc.supervised, 1)).item(),
-                                acc.tokens, acc.tokens / max(time.perf_counter() - acc.t0, 1e-9), optimizer)
-            if not math.isfinite(report.loss):
-                callbacks.diverged(report)
-                raise UserError(f"loss is {report.loss} at step {step}: training diverged")
-            losses.append(report.loss)
-            if callbacks.after_step(report, stop):
-                return {"step": step, "losses": losses, "interrupted": True}
-            acc = _Accumulator()
-        callbacks.end_epoch(epoch, step, optimizer)
-    return {"step": step, "losses": losses, "interrupted": False}
+# ---------------------------------------------------------------- step function
 
 
 def make_step_fn(model, special: SpecialIds, cfg: TrainConfig, dist):
