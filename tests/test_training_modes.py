@@ -2,7 +2,7 @@
 training modes (pause, no-cot, no-thought), uniform stage mixing (and its --resume), gradient
 accumulation = the full-batch gradient, the curriculum's final stage, and the configs/ presets.
 
-Uses the tiny random Llama + BPE tokenizer of test_train (16 synthetic records, seconds per run)."""
+Uses the tiny random Llama + BPE tokenizer of tests/helpers.py (16 synthetic records, seconds per run)."""
 
 import json
 from pathlib import Path
