@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import make_shards, save_config
 
-from mlx_coconut.checkpoint import remove_stale_temps
+from mlx_coconut.checkpoint import atomic_dir, remove_stale_temps
 from mlx_coconut.errors import UserError
 
 from . import gguf, hf
@@ -125,12 +125,8 @@ def convert(src: str, mlx_path, dtype: str = None, quantize: bool = False, q_bit
         weights = quantize_weights(weights, q_group_size, q_bits)
         config["quantization"] = {"group_size": q_group_size, "bits": q_bits}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        log(f"writing {out}")
+    log(f"writing {out}")
+    with atomic_dir(out) as tmp:
         save_weights(tmp, weights)
         save_config(config, config_path=tmp / "config.json")
         if isinstance(tokenizer, Path):  # HF source: copy its tokenizer files untouched
@@ -139,15 +135,6 @@ def convert(src: str, mlx_path, dtype: str = None, quantize: bool = False, q_bit
                     shutil.copy(tokenizer / name, tmp / name)
         else:
             gguf.save_tokenizer(tokenizer, tmp)
-        if out.exists():  # --force: swap in the new directory, then delete the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log(f"done in {time.perf_counter() - t0:.1f} s: {out} ({size / 1e9:.2f} GB)")
     return out

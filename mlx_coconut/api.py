@@ -18,7 +18,7 @@ import numpy as np
 
 from . import coconut
 from .checkpoint import Loaded, eos_ids, load  # noqa: F401  (re-exported)
-from .data import FormatConfig, Record, SpecialIds, collate, format_record
+from .data import Record, SpecialIds, format_record, make_batch
 from .errors import UserError
 
 
@@ -37,19 +37,12 @@ def special_ids(loaded: Loaded) -> SpecialIds:
     return loaded.settings.special_ids(loaded.tokenizer)
 
 
-def format_config(loaded: Loaded) -> FormatConfig:
-    try:
-        return loaded.settings.format_config()
-    except UserError as e:
-        raise UserError(f"{loaded.path}: {e}") from None
-
-
 def prompt_ids(loaded: Loaded, question) -> list:
     """The eval prompt for a question string or a record ({question, steps, answer} / Record).
 
     The official eval prompt caps the thoughts at the record's number of steps. A bare question has
     no known steps, so it gets the count the stage was trained with: min(stage, max_latent_stage)·c."""
-    config = format_config(loaded)
+    config = loaded.settings.format_config()
     if isinstance(question, str):
         record = Record(question, [], "")
         config = dataclasses.replace(config, pad_latent_to_max=True, uniform_prob=0.0)
@@ -113,12 +106,12 @@ def describe_thoughts(loaded: Loaded, thoughts: mx.array, k: int = 5) -> list:
 
 def batch_loss(loaded: Loaded, records, feedback: Optional[bool] = None):
     """Loss of records formatted with the loaded settings (training form), as one padded batch."""
-    config, ids = format_config(loaded), special_ids(loaded)
+    config, ids = loaded.settings.format_config(), special_ids(loaded)
     examples = [format_record(r if isinstance(r, Record) else Record(
         r["question"], list(r["steps"]), str(r["answer"])), loaded.tokenizer, config, ids)
         for r in records]
     tok = loaded.tokenizer
-    batch = collate(examples, tok.pad_token_id if tok.pad_token_id is not None else ids.eos)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else ids.eos
+    batch = make_batch(examples, pad, ids.latent, bucket=1, latent_align=1)  # plain official padding
     feedback = loaded.settings.mode != "pause" if feedback is None else feedback
-    return coconut.loss_fn(loaded.model, batch["input_ids"], batch["labels"],
-                           batch["input_ids"] == ids.latent, batch["left_pad"], feedback)
+    return coconut.collated_loss(loaded.model, batch, feedback)

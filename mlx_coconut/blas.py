@@ -1,5 +1,5 @@
 """A fast BLAS on Linux without asking: the Linux MLX wheel links the reference BLAS, so fp32 matmuls
-(the only ones MLX's CPU backend sends to BLAS) run ~30x faster with OpenBLAS preloaded. The console
+(the only ones MLX's CPU backend sends to BLAS) run far faster with OpenBLAS preloaded. The console
 entry point re-executes itself once with `LD_PRELOAD` set when OpenBLAS is installed."""
 
 import os

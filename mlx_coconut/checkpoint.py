@@ -25,6 +25,7 @@ directory) and is only deleted once coconut.json names a better one.
 by validation accuracy), else the latest; `RUN:best` and `RUN:latest` choose explicitly.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -38,12 +39,12 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .adapters import apply_lora, is_quantized, model_config, model_weights, quantize_base
 from .data import FormatConfig, SpecialIds
 from .errors import UserError
-from .tokens import LATENT_TOKENS, base_rows
+from .tokens import LATENT_TOKENS
 from .model import Model, load_model
 
 RUN_FILE = "coconut.json"
@@ -65,11 +66,12 @@ class Settings:
     def format_config(self, stage: Optional[int] = None) -> FormatConfig:
         """The prompt form a model trained with these settings expects (no uniform mixing at eval,
         as official). `stage` overrides the trained stage."""
+        self.check_latent_tokens()
+        return FormatConfig.from_settings(self, stage)
+
+    def check_latent_tokens(self, where: str = ""):
         if self.mode in ("coconut", "pause") and not self.latent_ids:
-            raise UserError(f"trained in '{self.mode}' mode but the tokenizer has no latent tokens")
-        return FormatConfig(mode=self.mode, stage=self.stage if stage is None else stage,
-                            c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
-                            pad_latent_to_max=self.pad_latent_to_max, uniform_prob=0.0)
+            raise UserError(f"{where}trained in '{self.mode}' mode but the tokenizer has no latent tokens")
 
     def special_ids(self, tokenizer) -> SpecialIds:
         """Latent-token ids (-1 when the model has none, e.g. a plain converted model) and EOS."""
@@ -209,99 +211,6 @@ def checkpoint_dir(path, which: Optional[str] = None) -> Path:
     return ckpt
 
 
-# ---------------------------------------------------------------- LoRA + trainable new-token rows
-
-
-class ExtraRows(nn.Module):
-    """An Embedding / Linear (or their quantized forms) whose rows `ids` are replaced by a small
-    trainable matrix: the big base matrix stays frozen, only len(ids) rows train (the COCONUT tokens).
-
-    Works both as the embedding (`__call__` on ids, `as_linear` for tied heads) and as an untied
-    output head (`__call__` on hidden states when `head=True`)."""
-
-    def __init__(self, base: nn.Module, ids, head: bool = False):
-        super().__init__()
-        self.base = base
-        self.base.freeze()
-        self._ids = [int(i) for i in ids]
-        self._head = head
-        rows = base_rows(base, self._ids)
-        self.extra = rows.astype(mx.float32) if rows.dtype not in (mx.float32, mx.bfloat16,
-                                                                     mx.float16) else rows
-        # The new tokens are appended in order, so their ids are normally one contiguous run [a, b):
-        # then the head writes only those n logit columns (a slice update, no full-vocab work beyond
-        # the frozen base matmul) and the embedding picks rows with one gather + one where.
-        a = min(self._ids)
-        self._span = (a, a + len(self._ids)) if self._ids == list(range(a, a + len(self._ids))) else None
-
-    def _num_rows(self):
-        w = self.base.weight
-        return w.shape[0]
-
-    def _embed(self, ids):
-        h = self.base(ids)
-        if self._span is not None:
-            a, b = self._span
-            rows = self.extra[mx.clip(ids - a, 0, b - a - 1)].astype(h.dtype)
-            return mx.where(((ids >= a) & (ids < b))[..., None], rows, h)
-        for k, i in enumerate(self._ids):
-            h = mx.where((ids == i)[..., None], self.extra[k].astype(h.dtype), h)
-        return h
-
-    def _project(self, x):
-        logits = self.base.as_linear(x) if not self._head else self.base(x)
-        new = (x @ self.extra.astype(x.dtype).T).astype(logits.dtype)  # [..., n]: the new columns
-        if self._span is not None:
-            a, b = self._span
-            logits[..., a:b] = new
-        else:
-            for k, i in enumerate(self._ids):
-                logits[..., i:i + 1] = new[..., k:k + 1]
-        return logits
-
-    def __call__(self, x):
-        return self._project(x) if self._head else self._embed(x)
-
-    def as_linear(self, x):
-        return self._project(x)
-
-    def merged_weight(self):
-        """The base matrix with the trained rows written back (unquantized bases only)."""
-        return _set_rows(self.base.weight, self._ids, self.extra)
-
-
-def _set_rows(w, ids, rows):
-    w = mx.array(w)
-    w[mx.array(ids)] = rows.astype(w.dtype)
-    return w
-
-
-def apply_lora(model: Model, lora: dict, new_ids) -> Model:
-    """Freeze `model`, add mlx-lm LoRA layers to the last `lora["layers"]` blocks (attention + MLP
-    projections) and make the new-token rows of the embedding (and untied head) trainable."""
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    model.freeze()
-    n = lora.get("layers") or len(model.layers)
-    linear_to_lora_layers(model, n, {"rank": lora["rank"], "scale": lora["scale"],
-                                     "dropout": lora.get("dropout", 0.0)})
-    model.model.embed_tokens = ExtraRows(model.model.embed_tokens, new_ids)
-    if not model.args.tie_word_embeddings:
-        model.lm_head = ExtraRows(model.lm_head, new_ids, head=True)
-    return model
-
-
-def quantize_base(model: Model, bits: int, group_size: int = 64):
-    """QLoRA: quantize the frozen base in place (every Linear and the embedding that divide evenly)."""
-    nn.quantize(model, group_size=group_size, bits=bits,
-                class_predicate=lambda p, m: isinstance(m, (nn.Linear, nn.Embedding))
-                and m.weight.shape[-1] % group_size == 0)
-
-
-def is_quantized(model) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
-
-
 # ---------------------------------------------------------------- load
 
 
@@ -320,6 +229,7 @@ def load(path, dtype: Optional[mx.Dtype] = None) -> Loaded:
         settings = read_settings(path)
         if settings.latent_ids is None:
             settings.latent_ids = latent_token_ids(tokenizer)
+        settings.check_latent_tokens(f"{path}: ")  # a mode the model cannot run fails now
         return Loaded(model, tokenizer, settings, path)
 
     ckpt = checkpoint_dir(ref)
@@ -331,6 +241,7 @@ def load(path, dtype: Optional[mx.Dtype] = None) -> Loaded:
     settings = _settings(run)
     if settings.latent_ids is None:
         settings.latent_ids = latent_token_ids(tokenizer)
+    settings.check_latent_tokens(f"{path}: ")
     state = _read_json(ckpt / "state.json") if (ckpt / "state.json").exists() else None
     return Loaded(model, tokenizer, settings, path, run, state, ckpt.name)
 
@@ -419,23 +330,6 @@ def all_finite(tree) -> bool:
     return bool(mx.all(mx.array(checks)).item()) if checks else True
 
 
-def model_weights(model: Model) -> dict:
-    """Full weights with HF names (ExtraRows merged back) for a full-weight run."""
-    flat = dict(tree_flatten(model.parameters()))
-    for name, m in model.named_modules():
-        if isinstance(m, ExtraRows):
-            for k in [k for k in flat if k.startswith(name + ".")]:
-                del flat[k]
-            flat[name + ".weight"] = m.merged_weight()
-    return flat
-
-
-def _model_config(model: Model) -> dict:
-    config = model.args.to_dict()
-    config["vocab_size"] = model.model.embed_tokens.weight.shape[0]
-    return config
-
-
 def save_checkpoint(run_dir, run: dict, model: Model, tokenizer, optimizer, state: dict,
                     keep_previous: bool = False) -> Path:
     """Write checkpoint `ckpt-<step>` into `run_dir` atomically and point coconut.json at it.
@@ -460,7 +354,7 @@ def save_checkpoint(run_dir, run: dict, model: Model, tokenizer, optimizer, stat
         else:
             mx.save_safetensors(str(tmp / "model.safetensors"), model_weights(model),
                                 metadata={"format": "mlx"})
-            (tmp / "config.json").write_text(json.dumps(_model_config(model), indent=2))
+            (tmp / "config.json").write_text(json.dumps(model_config(model), indent=2))
         hf = getattr(tokenizer, "_tokenizer", tokenizer)
         hf.save_pretrained(str(tmp))
         opt = dict(tree_flatten(optimizer.state)) if optimizer is not None else {}
@@ -527,6 +421,28 @@ def write_json_atomic(file, data):
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """A temp directory beside `out` to fill; once the block succeeds it becomes `out` (an existing
+    `out` is swapped out, then deleted), and on any failure it is removed: `out` is never half-written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():  # --force: swap in the new directory, then delete the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def append_jsonl(file, record: dict):

@@ -58,7 +58,7 @@ def main():
     """COCONUT (continuous latent reasoning) for Llama models in MLX."""
 
 
-# ---------------------------------------------------------------- data (issue 2)
+# ---------------------------------------------------------------- data
 @main.group()
 def data():
     """Download, convert, synthesise and inspect {question, steps, answer} datasets."""
@@ -150,10 +150,9 @@ def synth(n, seed, out, min_steps, max_steps, ops, max_value, exclude_files):
 @friendly_errors
 def stats(path, model_dir, c_thought, fmt, index):
     """Count, step distribution, one record raw and as the model sees it (stage 0, stage 1 c=1 / c=C)."""
-    from .data import load_records, load_tokenizer, stats_report
+    from .checkpoint import load_tokenizer
+    from .data import MAX_C_THOUGHT, load_records, stats_report
     from .errors import UserError
-
-    from .data import MAX_C_THOUGHT
 
     if not 1 <= c_thought <= MAX_C_THOUGHT:
         raise UserError(f"--c-thought must be between 1 and {MAX_C_THOUGHT} (got {c_thought})")
@@ -162,7 +161,7 @@ def stats(path, model_dir, c_thought, fmt, index):
     click.echo(stats_report(records, tokenizer, c_thought=c_thought, index=index))
 
 
-# ---------------------------------------------------------------- convert (issue 3)
+# ---------------------------------------------------------------- convert
 @main.command()
 @click.option("--hf-path", required=True, metavar="SRC",
               help="Hub id (meta-llama/Llama-3.1-8B-Instruct), local HF directory, or a .gguf file.")
@@ -221,57 +220,33 @@ def latent_tokens(model_path, prompt, max_tokens):
     click.echo(f"greedy after:  {prompt}{text_after!r} ({'unchanged' if text_after == text_before else 'CHANGED'})")
 
 
-# ---------------------------------------------------------------- train (issue 5)
+# ---------------------------------------------------------------- train
 def _train_options(fn):
-    """Every `train` flag defaults to None so -c/--config YAML and an --init run can fill it."""
-    opts = [
-        click.option("-c", "--config", "config_file", type=click.Path(), help="YAML file with any of these options (flags win)."),
-        click.option("--model", help="Model directory (or run directory) to start from."),
-        click.option("--init", help="Previous run (RUN = its best checkpoint if validated, else latest; "
-                     "RUN:best, RUN:latest): weights carried over (optimizer: see --reset-optimizer)."),
-        click.option("--out", help="Run directory to write."),
-        click.option("--resume", is_flag=True, default=None, help="Continue the run in --out (same data order)."),
-        click.option("--train", "train_file", help="Training data (JSON/jsonl/iCoT); default: synthetic."),
-        click.option("--valid", help="Validation data (default: synthetic / a training subset)."),
-        click.option("--samples", type=int, help="Train on the first N records after a seeded shuffle."),
-        click.option("--eval-samples", type=int, help="Validation questions for loss + accuracy each epoch [32]."),
-        click.option("--stage", type=int, help="Curriculum stage: 0 = CoT, k = first k steps -> k*c thoughts [0]."),
-        click.option("--stages", help="Run consecutive stages, e.g. 0-3 (one run dir per stage under --out)."),
-        click.option("--epochs-per-stage", type=int, help="Epochs per stage with --stages [--epochs]; "
-                     "with --epochs too, --epochs is the whole schedule and the last stage runs the rest."),
-        click.option("--mode", type=click.Choice(["cot", "coconut", "no-cot", "pause", "no-thought"]),
-                     help="Default: cot at stage 0, coconut after."),
-        click.option("--c-thought", type=int, help="Continuous thoughts per replaced step [1]."),
-        click.option("--max-latent-stage", type=int, help="Stages past this remove all steps [3]."),
-        click.option("--pad-latent-to-max/--no-pad-latent-to-max", default=None, help="Official pad_latent_to_max [on]: past max-latent-stage every record gets max_latent_stage*c thoughts."),
-        click.option("--uniform-prob", type=float, help="Probability of a uniformly random stage per example [0]."),
-        click.option("--epochs", type=int, help="Epochs [3]."),
-        click.option("--batch-size", type=int, help="Batch size [8]."),
-        click.option("--learning-rate", "--lr", "learning_rate", type=float, help="AdamW learning rate [1e-4] (bias-corrected, as torch)."),
-        click.option("--weight-decay", type=float, help="AdamW weight decay [0.01]."),
-        click.option("--reset-optimizer", type=click.Choice(["epoch", "stage", "never"]),
-                     help="Re-create AdamW every epoch, once per run, or never (continue --init's) "
-                          "[epoch for latent modes, as the official code; stage for cot/no-cot]."),
-        click.option("--grad-accumulation-steps", type=int, help="Micro-batches per optimizer step [1]."),
-        click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute blocks in backward."),
-        click.option("--max-seq-length", type=int, help="Drop longer examples [1024]."),
-        click.option("--seed", type=int, help="Seed for data order, sampling and init [0]."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-                     help="Training dtype [float32 on CPU, bfloat16 on Metal]."),
-        click.option("--lora/--no-lora", default=None, help="LoRA on attention/MLP projections (+ new-token rows)."),
-        click.option("--lora-rank", type=int, help="LoRA rank [8]."),
-        click.option("--lora-scale", type=float, help="LoRA scale [20.0] (mlx-lm convention)."),
-        click.option("--lora-layers", type=int, help="LoRA on the last N blocks [all]."),
-        click.option("--lora-dropout", type=float, help="LoRA dropout [0]."),
-        click.option("-q", "--q-bits", type=int, help="QLoRA: quantize the frozen base to this many bits (with --lora)."),
-        click.option("--q-group-size", type=int, help="QLoRA quantization group size [64]."),
-        click.option("--save-every", type=int, help="Checkpoint every N optimizer steps [500]; always at epoch ends."),
-        click.option("--max-new-tokens", type=int, help="Generation budget for the per-epoch accuracy [64]."),
-        click.option("--synth-samples", type=int, help="Synthetic records when no --train [1000]."),
-        click.option("--compile/--no-compile", default=None, help="mx.compile the training step (one trace per shape and latent layout) [on]."),
-        click.option("--bucket", type=int, help="Pad batch lengths up to a multiple of this: fewer compiled "
-                     "shapes vs less padding [32]."),
-    ]
+    """The `train` flags, built from the TrainConfig fields (one declaration: name, type, help,
+    default). Every flag defaults to None so -c/--config YAML and an --init run can fill it."""
+    import typing
+    from dataclasses import fields
+
+    from .options import TrainConfig, help_text
+
+    opts = [click.option("-c", "--config", "config_file", type=click.Path(),
+                         help="YAML file with any of these options (flags win).")]
+    for f in fields(TrainConfig):
+        m = f.metadata
+        if not m["cli"]:
+            continue
+        name = "--" + f.name.replace("_", "-")
+        param = "train_file" if f.name == "train" else f.name  # `train` is this command's name
+        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
+        if f.name == "resume":
+            decls, kw = (name,), dict(is_flag=True, default=None)
+        elif kind is bool:
+            decls, kw = (f"{name}/--no-{name[2:]}",), dict(default=None)
+        else:
+            decls = (*[x for x in m["flags"] if not x.startswith("--")], name,
+                     *[x for x in m["flags"] if x.startswith("--")])
+            kw = dict(type=click.Choice(m["choices"]) if m["choices"] else kind)
+        opts.append(click.option(*decls, param, help=help_text(f), **kw))
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
@@ -316,7 +291,40 @@ def train(config_file, train_file, **flags):
         sys.exit(130)  # saved; the conventional exit status of a Ctrl-C'd command
 
 
-# ---------------------------------------------------------------- generate (issue 4/6)
+# ---------------------------------------------------------------- generate
+
+
+def _check_generate_flags(prompt, max_tokens, temp, top_p, top_k):
+    import math
+
+    if top_k < 1:
+        raise UserError(f"--top-k must be >= 1 (got {top_k})")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1 (got {max_tokens})")
+    if not prompt.strip():
+        raise UserError("--prompt is empty")
+    if not (math.isfinite(temp) and temp >= 0) or not 0 < top_p <= 1:
+        raise UserError("--temp must be a finite number >= 0 and --top-p in (0, 1]")
+
+
+def _echo_thoughts(ids, prompt_ids, described, show_latents):
+    """The latent phase as text: the markers, one line per thought (its nearest tokens and norm with
+    --show-latents), or the pause tokens when nothing is fed back."""
+    if ids.start_latent in prompt_ids:
+        click.echo("<|start-latent|>")
+    for d in described:
+        line = f"  thought {d['index'] + 1}"
+        if show_latents:
+            top = "  ".join(f"{t['token']!r} {t['prob']:.3f}" for t in d["top_k"])
+            line += f"  norm {d['norm']:.2f}  {top}"
+        click.echo(line)
+    if not described:  # pause mode: latents are ordinary (learned) tokens, nothing is fed back
+        for i in range(prompt_ids.count(ids.latent)):
+            click.echo(f"  <|latent|> {i + 1} (pause token)")
+    if ids.end_latent in prompt_ids:
+        click.echo("<|end-latent|>")
+
+
 @main.command()
 @click.option("--model", "model_path", required=True, metavar="DIR",
               help="A converted model directory or a training run (RUN, RUN:best, RUN:latest).")
@@ -335,21 +343,13 @@ def train(config_file, train_file, **flags):
 def generate(model_path, prompt, max_tokens, temp, top_p, seed, show_latents, top_k, dtype, as_json):
     """Latent-then-text generation: the question, the continuous thoughts, then the answer."""
     import json
-    import math
     import time
 
     import mlx.core as mx
 
     from . import api
 
-    if top_k < 1:
-        raise UserError(f"--top-k must be >= 1 (got {top_k})")
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1 (got {max_tokens})")
-    if not prompt.strip():
-        raise UserError("--prompt is empty")
-    if not (math.isfinite(temp) and temp >= 0) or not 0 < top_p <= 1:
-        raise UserError("--temp must be a finite number >= 0 and --top-p in (0, 1]")
+    _check_generate_flags(prompt, max_tokens, temp, top_p, top_k)
     if seed is not None:
         mx.random.seed(seed)
     start = time.perf_counter()
@@ -361,21 +361,8 @@ def generate(model_path, prompt, max_tokens, temp, top_p, seed, show_latents, to
     def on_thoughts(thoughts, mask):  # between the latent and the text phase: print the thoughts
         rows = thoughts[0][mx.array(mask[0].nonzero()[0])] if thoughts is not None else None
         described.extend(api.describe_thoughts(loaded, rows, top_k))
-        if as_json:
-            return
-        if api.special_ids(loaded).start_latent in prompt_ids:
-            click.echo("<|start-latent|>")
-        for d in described:
-            line = f"  thought {d['index'] + 1}"
-            if show_latents:
-                top = "  ".join(f"{t['token']!r} {t['prob']:.3f}" for t in d["top_k"])
-                line += f"  norm {d['norm']:.2f}  {top}"
-            click.echo(line)
-        if not described:  # pause mode: latents are ordinary (learned) tokens, nothing is fed back
-            for i in range(prompt_ids.count(api.special_ids(loaded).latent)):
-                click.echo(f"  <|latent|> {i + 1} (pause token)")
-        if api.special_ids(loaded).end_latent in prompt_ids:
-            click.echo("<|end-latent|>")
+        if not as_json:
+            _echo_thoughts(api.special_ids(loaded), prompt_ids, described, show_latents)
 
     detok = tok.detokenizer
     detok.reset()
@@ -413,7 +400,7 @@ def generate(model_path, prompt, max_tokens, temp, top_p, seed, show_latents, to
                f"{'' if answer.finished else ', hit --max-tokens'} | load {load_time:.1f}s]")
 
 
-# ---------------------------------------------------------------- eval / plot / quickstart (issue 6)
+# ---------------------------------------------------------------- eval / plot / quickstart
 def _eval_progress(label, total):
     return click.progressbar(length=total, label=f"{label:<20}", file=sys.stderr, show_pos=True)
 
@@ -572,7 +559,6 @@ def serve(model_path, host, port, max_tokens, max_batch, chat_template, dtype, q
     if max_tokens < 1 or max_batch < 1 or not 0 <= port <= 65535:
         raise UserError("--max-tokens and --max-batch must be >= 1, --port in [0, 65535]")
     loaded = api.load(model_path, dtype=getattr(mx, dtype) if dtype else None)
-    api.format_config(loaded)  # a mode the model cannot run fails now, not on the first request
     server = make_server(loaded, host, port, max_batch, max_tokens, chat_template, quiet=quiet)
     s = loaded.settings
     click.echo(f"serving {model_path} ({s.mode}, stage {s.stage}, c={s.c_thought}) on "

@@ -79,6 +79,13 @@ def loss_fn(model: Model, input_ids, labels, latent_mask: np.ndarray, left_pad=N
     return total / mx.maximum(ntoks, 1), ntoks
 
 
+def collated_loss(model: Model, batch: dict, feedback: bool = True):
+    """`loss_fn` of a `data.make_batch` dict (numpy arrays) → (loss, number of supervised tokens)."""
+    lp = batch["left_pad"]
+    return loss_fn(model, mx.array(batch["input_ids"]), mx.array(batch["labels"]), batch["latent_mask"],
+                   mx.array(lp) if lp.any() else None, feedback)
+
+
 @dataclass
 class Generation:
     tokens: list                      # per row: generated ids (EOS excluded)
@@ -104,7 +111,7 @@ def generate(model: Model, prompts: list, latent_id: int, eos_ids, max_tokens: i
     latent_mask = ids == latent_id
     B, T = ids.shape
     # No padded row (bs=1, equal lengths): no mask and scalar positions, i.e. mlx-lm's decode path
-    # (saves the per-step mask ops; <1% of a SmolLM2 CPU step on an idle machine).
+    # (saves the per-step mask ops).
     cache = model.make_cache(mx.array(left_pad) if left_pad.any() else None, step=T + max_tokens)
     thoughts = [] if return_thoughts else None
 

@@ -11,9 +11,9 @@ gradient by n_r / n (all n_r are known on every rank from the host-side labels) 
 the scaled gradients is exactly the one-process gradient — a plain average would weight a short shard
 like a long one.
 
-Failure handling. What the ring backend does (mlx 0.32, measured): a peer that exits closes its
+Failure handling. What the ring backend does (mlx 0.32): a peer that exits closes its
 sockets and the next collective on the others raises `RuntimeError: [ring] connection to a peer was
-lost` within ~1 s; a peer that hangs (or a cable that is pulled without a FIN) blocks the others in the
+lost` at once; a peer that hangs (or a cable that is pulled without a FIN) blocks the others in the
 collective forever; a peer that never starts blocks `mx.distributed.init` forever (it retries the
 connection with back-off, holding the GIL). So: the error is turned into one line naming the rank and
 the step, and a watchdog *subprocess* (it must not need our GIL) kills a rank that has waited longer

@@ -9,9 +9,7 @@ the latent phase as trained. `README.md` is a model card built from the run's `e
 """
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -20,17 +18,18 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from . import checkpoint as ckpt
+from .adapters import ExtraRows, model_config
 from .errors import UserError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
-def merge_rows(layer: ckpt.ExtraRows) -> nn.Module:
+def merge_rows(layer: ExtraRows) -> nn.Module:
     """The base Embedding / Linear with the trained new-token rows written in (quantized like the
     base's other rows when the base is quantized)."""
     base = layer.base
-    idx = mx.array(layer._ids)
+    idx = mx.array(layer.ids)
     if isinstance(base, QUANTIZED):
         mode = getattr(base, "mode", "affine")
         parts = mx.quantize(layer.extra.astype(base.scales.dtype), base.group_size, base.bits, mode=mode)
@@ -55,9 +54,9 @@ def fuse_model(model, dequantize: bool = False):
         model.update_modules(tree_unflatten(fused))
     if dequantize:  # before the rows are merged, so the trained rows are written exactly
         dequantize_model(model)
-    if isinstance(model.model.embed_tokens, ckpt.ExtraRows):
+    if isinstance(model.model.embed_tokens, ExtraRows):
         model.model.embed_tokens = merge_rows(model.model.embed_tokens)
-    if isinstance(getattr(model, "lm_head", None), ckpt.ExtraRows):
+    if isinstance(getattr(model, "lm_head", None), ExtraRows):
         model.lm_head = merge_rows(model.lm_head)
     model.unfreeze()
     mx.eval(model.parameters())
@@ -99,7 +98,8 @@ def eval_entry(run_dir: Path, step: Optional[int]) -> Optional[dict]:
     return (same or entries or [None])[-1]
 
 
-def model_card(name: str, run: dict, run_dir: Path, state: Optional[dict], dequantize: bool) -> str:
+def card_rows(run: dict, run_dir: Path, state: Optional[dict], dequantize: bool) -> tuple:
+    """The model card's table rows (what was trained, from what, how well) and its thoughts count."""
     s, cfg, lora = run.get("settings", {}), run.get("config", {}), run.get("lora")
     base = base_model_of(run)
     thoughts = min(s.get("stage", 0), s.get("max_latent_stage", 3)) * s.get("c_thought", 1) \
@@ -130,6 +130,11 @@ def model_card(name: str, run: dict, run_dir: Path, state: Optional[dict], dequa
             ("continuous thoughts per question", thoughts),
             ("latent token ids", json.dumps(s.get("latent_ids"))),
             ("training steps", (state or {}).get("step", "?")), ("validation accuracy", acc)]
+    return rows, thoughts
+
+
+def model_card(name: str, run: dict, run_dir: Path, state: Optional[dict], dequantize: bool) -> str:
+    rows, thoughts = card_rows(run, run_dir, state, dequantize)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""---
 library_name: mlx
@@ -188,7 +193,7 @@ def fuse(run_path, out, dequantize: bool = False, force: bool = False, log=print
 
     loaded = ckpt.load(run_dir)
     model = fuse_model(loaded.model, dequantize)
-    config = ckpt._model_config(model)
+    config = model_config(model)
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)
     if (q := quantization_config(model)) is not None:
@@ -198,25 +203,12 @@ def fuse(run_path, out, dequantize: bool = False, force: bool = False, log=print
               "step": (loaded.state or {}).get("step"), "weights": run.get("weights"),
               "lora": run.get("lora"), "dequantized": dequantize, "eos_id": run.get("eos_id")}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with ckpt.atomic_dir(out) as tmp:
         save_model(tmp, model)
         save_config(config, config_path=tmp / "config.json")
         getattr(loaded.tokenizer, "_tokenizer", loaded.tokenizer).save_pretrained(str(tmp))
         (tmp / ckpt.RUN_FILE).write_text(json.dumps(record, indent=2))
         (tmp / "README.md").write_text(model_card(out.name, run, run_dir, loaded.state, dequantize))
-        if out.exists():  # --force: swap in the new directory, then delete the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log(f"wrote {out} ({size / 1e6:.1f} MB): {run.get('weights')} weights, mode {settings['mode']}, "
         f"stage {settings['stage']}, c={settings['c_thought']}")

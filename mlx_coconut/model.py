@@ -128,9 +128,6 @@ class KVCache:
     def advance(self, n: int):
         self.offset += n
 
-    def state(self):
-        return [a for a in self.keys + self.values if a is not None]
-
 
 def attention_mask(L: int, offset: int, left_pad: Optional[mx.array]):
     """Boolean [B, 1, L, offset+L] mask (True = attend), "causal", or None.

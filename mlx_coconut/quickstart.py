@@ -25,37 +25,33 @@ from typing import Callable
 from .errors import UserError
 
 
+# Chosen from the sweep in docs/quickstart.md (config -> accuracy, tokens, minutes): 2-step add/sub
+# problems with numbers up to 20 are the hardest a 135M model learns to write in ~7 minutes.
+TASK = ("--min-steps", "2", "--max-steps", "2", "--ops", "add,sub", "--max-value", "20")
+
+
 @dataclass(frozen=True)
 class Budget:
     """One size of the quickstart: data, and the flags of the three training runs and the eval."""
     train: int
     valid: int
     test: int
-    synth: tuple = ()            # extra `data synth` flags (difficulty knobs)
-    train_flags: tuple = ()      # flags shared by the CoT and no-CoT runs
-    latent_flags: tuple = ()     # flags of the COCONUT run (started with --init from the CoT run)
-    max_tokens: int = 32         # new tokens per answer at eval
+    synth: tuple = TASK          # extra `data synth` flags (difficulty)
+    # flags shared by the CoT and no-CoT runs
+    train_flags: tuple = ("--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--bucket", "8")
+    # flags of the COCONUT run (started with --init from the CoT run)
+    latent_flags: tuple = ("--stage", "1", "--c-thought", "1", "--epochs", "1")
+    max_tokens: int = 24         # new tokens per answer at eval
     note: str = ""
 
 
-# Chosen from the sweep in docs/quickstart.md (config -> accuracy, tokens, minutes): 2-step add/sub
-# problems with numbers up to 20 are the hardest a 135M model learns to write in ~7 minutes.
-_TASK = ("--min-steps", "2", "--max-steps", "2", "--ops", "add,sub", "--max-value", "20")
-_TRAIN = ("--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--bucket", "8")
 BUDGETS = {
-    "default": Budget(
-        train=400, valid=32, test=200, synth=_TASK, train_flags=_TRAIN,
-        latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "1"),
-        max_tokens=24, note="~20 minutes on a 2-core x86 CPU"),
-    "long": Budget(
-        train=400, valid=32, test=200, synth=_TASK, train_flags=_TRAIN,
-        latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "3"),
-        max_tokens=24, note="~40 minutes on a 2-core x86 CPU: three epochs at stage 1"),
-    "small": Budget(
-        train=8, valid=2, test=4, synth=("--min-steps", "1", "--max-steps", "2"),
-        train_flags=("--epochs", "1", "--batch-size", "8", "--lr", "1e-4"),
-        latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "1"),
-        max_tokens=12, note="CI smoke test: a few steps, ~1-3 minutes"),
+    "default": Budget(train=400, valid=32, test=200, note="~20 minutes on a 2-core x86 CPU"),
+    "long": Budget(train=400, valid=32, test=200,
+                   latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "3"),
+                   note="~40 minutes on a 2-core x86 CPU: three epochs at stage 1"),
+    "small": Budget(train=8, valid=2, test=4, synth=("--min-steps", "1", "--max-steps", "2"),
+                    max_tokens=12, note="CI smoke test: a few steps, ~1-3 minutes"),
 }
 SEEDS = {"train": 0, "valid": 1, "test": 2}  # disjoint generators for the three splits
 RUNS = ("cot", "no-cot", "coconut")

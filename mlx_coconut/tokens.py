@@ -124,7 +124,7 @@ def base_rows(layer, ids) -> mx.array:
 def _copy_row(layer, ids, src_id):
     """Rows `ids` := row `src_id` of an Embedding/Linear, or of the trainable rows of a LoRA model's
     ExtraRows (whose frozen base holds the source row)."""
-    if hasattr(layer, "extra"):  # checkpoint.ExtraRows: the new rows train apart from the frozen base
+    if hasattr(layer, "extra"):  # adapters.ExtraRows: the new rows train apart from the frozen base
         src = base_rows(layer.base, [src_id]).astype(layer.extra.dtype)
         layer.extra = mx.broadcast_to(src, layer.extra.shape)
         return

@@ -5,6 +5,11 @@ for that stage (k·c thoughts replace the first k steps), shuffled per epoch wit
 collated with the official left padding, and trained with AdamW on `coconut.loss_fn` (the one latent
 loop). A curriculum (`stages="0-3"`) runs consecutive stages, each from the previous one's weights with
 a fresh optimizer (official `reset_optimizer`), each in its own run directory `OUT/stageK`.
+
+Here: resolving the options (`options.py` declares them), setting the model up, the formatted and
+length-grouped epochs, the step function, and `StageCallbacks` (metrics, progress bar, checkpoints,
+Ctrl-C, epoch evaluation, best checkpoint) with `RunDir` (the run directory's lock, metrics and
+checkpoints) around the generic loop of `trainer.py`. `_train_stage` wires one stage together.
 """
 
 import contextlib
@@ -15,7 +20,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -26,90 +31,17 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from . import checkpoint as ckpt
+from . import adapters, checkpoint as ckpt
 from . import distributed
-from .coconut import loss_fn
-from .data import MAX_C_THOUGHT, FormatConfig, MODES, SpecialIds, collate, format_record, load_records
+from .coconut import collated_loss, loss_fn
+from .data import MAX_C_THOUGHT, FormatConfig, MODES, SpecialIds, format_record, load_records, make_batch
 from .errors import UserError
 from .evaluate import evaluate, evaluate_sharded
+from .options import (DEFAULTS, DTYPES, INHERITED, RESET_CHOICES, TrainConfig,  # noqa: F401 (re-exported)
+                      config_from_dict)
+from .trainer import Callbacks, StepReport, train_loop
 
 POOL_BATCHES = 16  # latent stages: batches grouped by latent start within pools of this many
-RESET_CHOICES = ("epoch", "stage", "never")
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-@dataclass
-class TrainConfig:
-    # what to train from / where to write
-    model: Optional[str] = None          # a model directory (or a run directory)
-    init: Optional[str] = None           # a previous run: weights carried over, optimizer reset
-    out: Optional[str] = None
-    resume: bool = False
-    # data (None = inherit from --init's run, else the defaults below)
-    train: Optional[str] = None          # data file; none = synthetic records (the embedded default)
-    valid: Optional[str] = None
-    samples: Optional[int] = None        # first N after a seeded shuffle
-    eval_samples: Optional[int] = None
-    # COCONUT
-    stage: int = 0
-    stages: Optional[str] = None         # curriculum "0-3"
-    epochs_per_stage: Optional[int] = None
-    mode: Optional[str] = None           # cot (stage 0) | coconut (stage k) | no-cot | pause | no-thought
-    c_thought: Optional[int] = None
-    max_latent_stage: Optional[int] = None
-    pad_latent_to_max: Optional[bool] = None
-    uniform_prob: Optional[float] = None
-    # optimisation
-    reset_optimizer: Optional[str] = None  # epoch | stage | never (None: epoch for latent modes)
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    learning_rate: Optional[float] = None
-    weight_decay: Optional[float] = None
-    grad_accumulation_steps: Optional[int] = None
-    grad_checkpoint: Optional[bool] = None
-    max_seq_length: Optional[int] = None
-    seed: Optional[int] = None
-    dtype: Optional[str] = None
-    # LoRA / QLoRA
-    lora: Optional[bool] = None
-    lora_rank: Optional[int] = None
-    lora_scale: Optional[float] = None
-    lora_layers: Optional[int] = None     # last N blocks (0/None = all)
-    lora_dropout: Optional[float] = None
-    q_bits: Optional[int] = None          # QLoRA: quantize the frozen base to this many bits
-    q_group_size: Optional[int] = None
-    # bookkeeping
-    save_every: Optional[int] = None      # optimizer steps (0 = only at epoch ends)
-    max_new_tokens: Optional[int] = None  # generation budget of the per-epoch accuracy
-    synth_samples: Optional[int] = None   # how many synthetic records when no --train
-    compile: Optional[bool] = None        # mx.compile the no-latent (stage 0) step
-    bucket: Optional[int] = None          # pad sequence lengths up to a multiple of this
-    stop_after_steps: Optional[int] = None  # behave like Ctrl-C after this global step (tests)
-
-
-DEFAULTS = dict(
-    samples=None, eval_samples=32, c_thought=FormatConfig.c_thought,
-    max_latent_stage=FormatConfig.max_latent_stage, pad_latent_to_max=FormatConfig.pad_latent_to_max,
-    uniform_prob=FormatConfig.uniform_prob, epochs=3, batch_size=8, learning_rate=1e-4, weight_decay=0.01,
-    grad_accumulation_steps=1, grad_checkpoint=False, max_seq_length=1024, seed=0, dtype=None,
-    lora=False, lora_rank=8, lora_scale=20.0, lora_layers=0, lora_dropout=0.0, q_bits=None,
-    q_group_size=64, save_every=500, max_new_tokens=64, synth_samples=1000, compile=True, bucket=32,
-)
-# carried over from an --init run unless given again (data, hyper-parameters, LoRA)
-INHERITED = ("train", "valid", "samples", "eval_samples", "c_thought", "max_latent_stage",
-             "pad_latent_to_max", "uniform_prob", "epochs", "batch_size", "learning_rate",
-             "weight_decay", "grad_accumulation_steps", "grad_checkpoint", "max_seq_length", "seed",
-             "dtype", "lora", "lora_rank", "lora_scale", "lora_layers", "lora_dropout", "q_bits",
-             "q_group_size", "max_new_tokens", "synth_samples", "bucket")
-
-
-def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    d = {k.replace("-", "_"): v for k, v in d.items()}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}")
-    return TrainConfig(**d)
 
 
 # ---------------------------------------------------------------- entry point
@@ -364,12 +296,6 @@ def load_data(cfg: TrainConfig, log) -> tuple:
     return records, valid[: cfg.eval_samples] if cfg.eval_samples else []
 
 
-def format_config(cfg: TrainConfig, uniform: bool = True) -> FormatConfig:
-    return FormatConfig(mode=cfg.mode, stage=cfg.stage, c_thought=cfg.c_thought,
-                        max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=cfg.pad_latent_to_max,
-                        uniform_prob=cfg.uniform_prob if uniform else 0.0)
-
-
 def epoch_batches(records, tokenizer, fcfg: FormatConfig, ids: SpecialIds, cfg: TrainConfig,
                   epoch: int) -> list:
     """The epoch's batches of Examples: a deterministic function of (seed, epoch) so a resumed run
@@ -398,25 +324,6 @@ def epoch_batches(records, tokenizer, fcfg: FormatConfig, ids: SpecialIds, cfg: 
             steps += [cut[i] for i in order_rng.permutation(len(cut))]
         return [s[i:i + bs] for s in steps + short for i in range(0, len(s), bs)]
     return [[e] for e in examples]
-
-
-def make_batch(examples, pad_id: int, latent_id: int, bucket: int, latent_align: int = 8) -> dict:
-    """Collate (official left padding: every row's first latent in the same column), shift all rows
-    right so that column is a multiple of `latent_align`, then right-pad T up to a multiple of
-    `bucket`: compiled steps see few distinct (shape, latent columns) keys. Extra left padding is
-    masked and positions are column - left_pad, so the loss is unchanged."""
-    b = collate(examples, pad_id)
-    ids = b["input_ids"]
-    cols = np.flatnonzero((ids == latent_id).any(axis=0))
-    shift = (-int(cols[0])) % latent_align if len(cols) else 0
-    B, T = ids.shape
-    Tb = ((T + shift + bucket - 1) // bucket) * bucket
-    b["input_ids"] = np.pad(ids, ((0, 0), (shift, Tb - T - shift)), constant_values=pad_id)
-    b["labels"] = np.pad(b["labels"], ((0, 0), (shift, Tb - T - shift)), constant_values=-100)
-    b["left_pad"] = b["left_pad"] + shift
-    b["latent_mask"] = b["input_ids"] == latent_id
-    b["ntokens"] = int(b["lengths"].sum())
-    return b
 
 
 # ---------------------------------------------------------------- model set-up
@@ -451,15 +358,15 @@ def setup_model(cfg: TrainConfig, init_run: Optional[dict], log):
             ids = (ids["start"], ids["latent"], ids["end"])
         else:
             ids = add_latent_tokens(model, tokenizer).ids
-            if ckpt.is_quantized(model):
+            if adapters.is_quantized(model):
                 lora_cfg["quantization"] = None  # the base is stored quantized: used as-is
             elif cfg.q_bits:
-                ckpt.quantize_base(model, cfg.q_bits, cfg.q_group_size)
+                adapters.quantize_base(model, cfg.q_bits, cfg.q_group_size)
                 lora_cfg["quantization"] = {"bits": cfg.q_bits, "group_size": cfg.q_group_size}
-            ckpt.apply_lora(model, lora_cfg, ids)
+            adapters.apply_lora(model, lora_cfg, ids)
         weights = "lora"
     else:
-        if ckpt.is_quantized(model):
+        if adapters.is_quantized(model):
             raise UserError(f"{source}: the model is quantized; quantized weights cannot be fully "
                             f"fine-tuned: add --lora (QLoRA)")
         ids = add_latent_tokens(model, tokenizer).ids
@@ -577,13 +484,6 @@ class Stepper:
         return loss, ntoks, grads
 
 
-def batch_loss(model, batch, feedback) -> tuple:
-    lp = batch["left_pad"]
-    loss, ntoks = loss_fn(model, mx.array(batch["input_ids"]), mx.array(batch["labels"]),
-                          batch["latent_mask"], mx.array(lp) if lp.any() else None, feedback)
-    return loss, ntoks
-
-
 def validation_loss(model, batches, special, cfg, dist=None) -> float:
     total, n = 0.0, 0
     for ex in batches:
@@ -592,7 +492,7 @@ def validation_loss(model, batches, special, cfg, dist=None) -> float:
             if not ex:
                 continue
         b = make_batch(ex, special.eos, special.latent, cfg.bucket)
-        loss, ntoks = batch_loss(model, b, cfg.mode != "pause")
+        loss, ntoks = collated_loss(model, b, cfg.mode != "pause")
         mx.eval(loss, ntoks)
         total += loss.item() * ntoks.item()
         n += ntoks.item()
@@ -740,69 +640,26 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     dist = distributed.setup()  # size 1 unless started by `mlx.launch`
     if not dist.main:
         log = _quiet  # rank 0 prints; errors still reach every rank as UserError
-    out = Path(config.out) if config.out else None
-    resume_state = None
-    if config.resume:
-        if out is None or not ckpt.is_run_dir(out):
-            raise UserError(f"--resume: {out} is not a run directory with a checkpoint")
-        saved = ckpt.read_run(out)
-        _check_resume_flags(config, saved["config"], out)
-        cfg = config_from_dict(saved["config"], f"{out}/{ckpt.RUN_FILE}")
-        for name in ("epochs", "grad_checkpoint", "compile"):  # what may change on resume
-            if getattr(config, name) is not None:
-                setattr(cfg, name, getattr(config, name))
-        cfg.stop_after_steps, cfg.resume = config.stop_after_steps, True
-        init_run = ckpt.read_run(cfg.init) if cfg.init else None
-        opt_state, resume_state = ckpt.load_optimizer_state(out)
-        _check_order(resume_state, cfg, out)
-        if resume_state.get("complete") and resume_state["epoch"] >= cfg.epochs:
-            log(f"{out}: already complete ({resume_state['step']} steps)")
-            return {"out": str(out), "steps": resume_state["step"], "complete": True}
-    else:
-        cfg, init_run = resolve(config)
-        out = Path(cfg.out)
-        if ckpt.is_run_dir(out):
-            raise UserError(f"--out {out} already holds a run: pass --resume to continue it, or choose "
-                            f"another --out")
-    if dist.main:
-        check_writable(out)
-        held.enter_context(ckpt.RunLock(out))
-        ckpt.remove_stale_temps(out)  # of a process killed mid-write (we hold the lock: none is live)
-        if resume_state:  # the steps after the checkpoint are trained again
-            ckpt.truncate_jsonl(out / "metrics.jsonl", resume_state["step"])
-        else:  # lines of a run that failed before its first checkpoint
-            ckpt.truncate_jsonl(out / "metrics.jsonl", -1)
+    cfg, init_run, opt_state, resume_state = _start(config)
+    out = Path(cfg.out)
+    if resume_state and resume_state.get("complete") and resume_state["epoch"] >= cfg.epochs:
+        log(f"{out}: already complete ({resume_state['step']} steps)")
+        return {"out": str(out), "steps": resume_state["step"], "complete": True}
+    run = RunDir(out, dist)
+    run.open(held, resume_state["step"] if resume_state else None)
     mx.random.seed(cfg.seed)
     records, valid = load_data(cfg, log)
-
-    if resume_state:
-        loaded = ckpt.load(f"{out}:latest", dtype=DTYPES[cfg.dtype])
-        model, tokenizer = loaded.model, loaded.tokenizer
-        lid = loaded.settings.latent_ids
-        special = SpecialIds(lid["start"], lid["latent"], lid["end"], int(tokenizer.eos_token_id))
-        record = {k: loaded.run.get(k) for k in ("weights", "lora", "base_model", "source",
-                                                 "init_checkpoint")}
-    else:
-        model, tokenizer, special, record = setup_model(cfg, init_run, log)
+    model, tokenizer, special, record = _model_for(cfg, init_run, resume_state, out, log)
     if cfg.grad_checkpoint:
         enable_grad_checkpoint(model)
     model.train()
-
-    fcfg = format_config(cfg)
-    feedback = cfg.mode != "pause"
     settings = ckpt.Settings(mode=cfg.mode, stage=cfg.stage, c_thought=cfg.c_thought,
                              max_latent_stage=cfg.max_latent_stage,
                              pad_latent_to_max=cfg.pad_latent_to_max,
                              latent_ids={"start": special.start_latent, "latent": special.latent,
                                          "end": special.end_latent})
-    run_record = {**record, "settings": ckpt.settings_dict(settings), "config": asdict(cfg),
-                  "eos_id": special.eos, "init": str(ckpt.split_ref(cfg.init)[0].resolve()) if cfg.init else None}
-    run_record["config"]["resume"] = False
-    run_record["config"]["stop_after_steps"] = None
-    if record.get("weights") == "lora" and not resume_state:
-        run_record["base_fingerprint"] = ckpt.base_fingerprint(record["base_model"])
+    run.record = _run_record(cfg, record, settings, special, new=resume_state is None)
 
-    reset = reset_cadence(cfg)
     optimizer = make_optimizer(model, cfg)
     step, start_epoch, start_batch = 0, 0, 0
     if resume_state:
@@ -810,141 +667,245 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
         step, start_epoch, start_batch = (resume_state["step"], resume_state["epoch"],
                                           resume_state["batch"])
         log(f"resuming {out} at step {step} (epoch {start_epoch + 1}, batch {start_batch})")
-    elif reset == "never" and init_run is not None:  # carry the --init run's moments and step count
+        run.last_saved = ckpt.checkpoint_dir(out)
+    elif reset_cadence(cfg) == "never" and init_run is not None:  # carry the --init run's moments
         set_optimizer_state(optimizer, ckpt.load_optimizer_state(cfg.init)[0])
-
-    n_params = sum(v.size for _, v in _flat(model.trainable_parameters()))
     if dist.enabled:
         _check_ranks(dist, model, records, valid, step, cfg, log)
-    log(f"training stage {cfg.stage} ({cfg.mode}, c={cfg.c_thought}) on {len(records)} records, "
-        f"{record['weights']}{' (QLoRA)' if record.get('lora') and record['lora'].get('quantization') else ''} "
-        f"fine-tune, {n_params / 1e6:.2f}M trainable parameters, {cfg.dtype} -> {out}")
+    _log_start(cfg, record, model, out, len(records), log)
 
-    stepper = Stepper(model, feedback, cfg.compile)
-    metrics_file = out / "metrics.jsonl"
-    accum = cfg.grad_accumulation_steps
-    last_saved = None
-    vfcfg = format_config(cfg, uniform=False)
-    n_batches = math.ceil(len(records) / cfg.batch_size)
-    steps_per_epoch = math.ceil(n_batches / accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    losses, summary_last, tps = [], None, 0.0
+    fcfg = FormatConfig.from_settings(cfg, uniform_prob=cfg.uniform_prob)
     if not epoch_batches(records, tokenizer, fcfg, special, cfg, start_epoch):
         raise UserError(f"nothing to train on: all {len(records)} records are longer than "
                         f"--max-seq-length {cfg.max_seq_length} tokens at stage {cfg.stage}"
                         if records else "nothing to train on: no training records")
-    if resume_state:
-        last_saved = ckpt.checkpoint_dir(out)
+    epochs = ((e, epoch_batches(records, tokenizer, fcfg, special, cfg, e),
+               start_batch if e == start_epoch else 0) for e in range(start_epoch, cfg.epochs))
+    steps_per_epoch = math.ceil(math.ceil(len(records) / cfg.batch_size) / cfg.grad_accumulation_steps)
+    with _Interrupt() as interrupt:
+        callbacks = StageCallbacks(run, model, tokenizer, settings, valid, special, cfg, log, interrupt,
+                                   Progress(steps_per_epoch * cfg.epochs, "", done=step))
+        done = train_loop(model, optimizer, epochs, make_step_fn(model, special, cfg, dist), callbacks,
+                          cfg.grad_accumulation_steps, all_sum_reducer(dist) if dist.enabled else None,
+                          start_step=step)
+    result = {"out": str(out), "steps": done["step"], "losses": done["losses"],
+              "interrupted": done["interrupted"]}
+    if not done["interrupted"] and cfg.epochs > start_epoch:
+        result["eval"] = callbacks.summary
+    return result
 
-    def save(epoch, batch, complete=False):
-        nonlocal last_saved
+
+def _start(config: TrainConfig) -> tuple:
+    """(resolved config, --init run, optimizer state, state.json) of a new or a resumed run; the
+    last two are None for a new run."""
+    if not config.resume:
+        cfg, init_run = resolve(config)
+        if ckpt.is_run_dir(Path(cfg.out)):
+            raise UserError(f"--out {Path(cfg.out)} already holds a run: pass --resume to continue it, "
+                            f"or choose another --out")
+        return cfg, init_run, None, None
+    out = Path(config.out) if config.out else None
+    if out is None or not ckpt.is_run_dir(out):
+        raise UserError(f"--resume: {out} is not a run directory with a checkpoint")
+    saved = ckpt.read_run(out)
+    _check_resume_flags(config, saved["config"], out)
+    cfg = config_from_dict(saved["config"], f"{out}/{ckpt.RUN_FILE}")
+    for name in ("epochs", "grad_checkpoint", "compile"):  # what may change on resume
+        if getattr(config, name) is not None:
+            setattr(cfg, name, getattr(config, name))
+    cfg.stop_after_steps, cfg.resume = config.stop_after_steps, True
+    init_run = ckpt.read_run(cfg.init) if cfg.init else None
+    opt_state, resume_state = ckpt.load_optimizer_state(out)
+    _check_order(resume_state, cfg, out)
+    return cfg, init_run, opt_state, resume_state
+
+
+def _model_for(cfg: TrainConfig, init_run, resume_state, out: Path, log) -> tuple:
+    """(model, tokenizer, special ids, run record): the run's latest checkpoint when resuming, else
+    set up from --model / --init."""
+    if not resume_state:
+        return setup_model(cfg, init_run, log)
+    loaded = ckpt.load(f"{out}:latest", dtype=DTYPES[cfg.dtype])
+    lid = loaded.settings.latent_ids
+    special = SpecialIds(lid["start"], lid["latent"], lid["end"], int(loaded.tokenizer.eos_token_id))
+    record = {k: loaded.run.get(k) for k in ("weights", "lora", "base_model", "source", "init_checkpoint")}
+    return loaded.model, loaded.tokenizer, special, record
+
+
+def _run_record(cfg: TrainConfig, record: dict, settings, special: SpecialIds, new: bool) -> dict:
+    """coconut.json minus "checkpoint": how the run was trained and from what."""
+    run_record = {**record, "settings": ckpt.settings_dict(settings), "config": asdict(cfg),
+                  "eos_id": special.eos,
+                  "init": str(ckpt.split_ref(cfg.init)[0].resolve()) if cfg.init else None}
+    run_record["config"]["resume"] = False
+    run_record["config"]["stop_after_steps"] = None
+    if record.get("weights") == "lora" and new:
+        run_record["base_fingerprint"] = ckpt.base_fingerprint(record["base_model"])
+    return run_record
+
+
+def _log_start(cfg: TrainConfig, record: dict, model, out: Path, n_records: int, log):
+    n_params = sum(v.size for _, v in _flat(model.trainable_parameters()))
+    qlora = " (QLoRA)" if record.get("lora") and record["lora"].get("quantization") else ""
+    log(f"training stage {cfg.stage} ({cfg.mode}, c={cfg.c_thought}) on {n_records} records, "
+        f"{record['weights']}{qlora} fine-tune, {n_params / 1e6:.2f}M trainable parameters, "
+        f"{cfg.dtype} -> {out}")
+
+
+# ---------------------------------------------------------------- step function
+
+
+def make_step_fn(model, special: SpecialIds, cfg: TrainConfig, dist):
+    """The loop's step function: loss and gradients of one micro-batch (this rank's share of it
+    under data parallelism)."""
+    stepper = Stepper(model, cfg.mode != "pause", cfg.compile)
+
+    def step_fn(examples, epoch: int, bi: int) -> tuple:
+        # RNG (LoRA dropout) keyed by position in the run, so a resumed run draws the same
+        mx.random.seed(cfg.seed * 1_000_003 + epoch * 100_003 + bi)
+        if dist.enabled:  # this rank's share, its gradient weighted by its share of tokens
+            loss, grads, tokens = shard_step(stepper, model, examples, special, cfg, dist)
+        else:
+            batch = make_batch(examples, special.eos, special.latent, cfg.bucket)
+            loss, _, grads = stepper(batch)
+            tokens = batch["ntokens"]
+        return loss, grads, supervised_tokens(examples), tokens
+    return step_fn
+
+
+def all_sum_reducer(dist):
+    """One all_sum per optimizer step: gradients, loss and the stop flag (every rank stops at the
+    same step)."""
+    def reduce(grads, loss, stop: bool, step: int) -> tuple:
+        grads, loss, hit = dist.all_sum((grads, loss, mx.array(float(stop))), f"step {step}")
+        return grads, loss, hit.item() > 0
+    return reduce
+
+
+# ---------------------------------------------------------------- run directory + callbacks
+
+
+class RunDir:
+    """The run directory one training process owns: its lock, metrics.jsonl, the checkpoints and
+    the best one. Rank 0 writes; every rank waits until each checkpoint is committed."""
+
+    def __init__(self, path: Path, dist):
+        self.path, self.dist = Path(path), dist
+        self.record = None      # coconut.json minus "checkpoint" (set once the model is set up)
+        self.last_saved = None  # the latest committed checkpoint directory
+
+    def open(self, held: contextlib.ExitStack, resume_step: Optional[int]):
+        """Take the lock and clean up after a killed process (rank 0 only)."""
+        if not self.dist.main:
+            return
+        check_writable(self.path)
+        held.enter_context(ckpt.RunLock(self.path))
+        ckpt.remove_stale_temps(self.path)  # of a process killed mid-write (we hold the lock)
+        # a resumed run trains the steps after its checkpoint again; a new run drops the lines of
+        # one that failed before its first checkpoint
+        ckpt.truncate_jsonl(self.path / "metrics.jsonl", -1 if resume_step is None else resume_step)
+
+    def log_metrics(self, record: dict):
+        if self.dist.main:
+            ckpt.append_jsonl(self.path / "metrics.jsonl", record)
+
+    def save(self, model, tokenizer, optimizer, state: dict) -> Path:
+        """Checkpoint `state` (refusing non-finite weights, naming the last good checkpoint)."""
         if not ckpt.all_finite(model.trainable_parameters()):  # never write or point at bad weights
-            raise UserError(f"the weights are not finite (NaN/inf) at step {step} (stage {cfg.stage}, "
-                            f"epoch {epoch + 1}): training diverged, stopped; "
-                            + (f"the last good checkpoint is {last_saved}" if last_saved else
-                               "no checkpoint was saved") + "; try a lower --learning-rate")
-        state = {"step": step, "epoch": epoch, "batch": batch, "stage": cfg.stage, "seed": cfg.seed,
-                 "complete": complete, "data_order": {k: getattr(cfg, k) for k in ORDER_KEYS}}
-        if dist.main:  # the other ranks hold the same weights
-            last_saved = dist.checkpoint = ckpt.save_checkpoint(out, run_record, model, tokenizer,
-                                                                optimizer, state)
+            raise UserError(f"the weights are not finite (NaN/inf) at step {state['step']} (stage "
+                            f"{state['stage']}, epoch {state['epoch'] + 1}): training diverged, "
+                            f"stopped; {self.last_good()}; try a lower --learning-rate")
+        if self.dist.main:  # the other ranks hold the same weights
+            self.last_saved = self.dist.checkpoint = ckpt.save_checkpoint(
+                self.path, self.record, model, tokenizer, optimizer, state)
         # no rank leaves before the checkpoint is committed (`mlx.launch` kills the other ranks as
         # soon as one exits with an error code, e.g. 130 after Ctrl-C)
-        dist.barrier(f"the checkpoint at step {step}")
-        return last_saved
+        self.dist.barrier(f"the checkpoint at step {state['step']}")
+        return self.last_saved
 
-    bar = Progress(total_steps, "", done=step)
-    with _Interrupt() as interrupt:
-        for epoch in range(start_epoch, cfg.epochs):
-            batches = epoch_batches(records, tokenizer, fcfg, special, cfg, epoch)
-            first = start_batch if epoch == start_epoch else 0
-            if reset == "epoch" and epoch > 0 and first == 0:  # official reset_optimizer: every epoch
-                optimizer = make_optimizer(model, cfg)
-            bar.desc = f"stage {cfg.stage} epoch {epoch + 1}/{cfg.epochs}"
-            grads, acc_loss, acc_n, acc_sup, acc_toks, t0 = None, 0.0, 0, 0, 0, time.perf_counter()
-            group_start = first
-            mx.reset_peak_memory()
-            for bi in range(first, len(batches)):
-                # RNG (LoRA dropout) keyed by position in the run, so a resumed run draws the same
-                mx.random.seed(cfg.seed * 1_000_003 + epoch * 100_003 + bi)
-                if dist.enabled:  # this rank's share, its gradient weighted by its share of tokens
-                    loss, g, ntokens = shard_step(stepper, model, batches[bi], special, cfg, dist)
-                else:
-                    batch = make_batch(batches[bi], special.eos, special.latent, cfg.bucket)
-                    loss, ntoks, g = stepper(batch)
-                    ntokens = batch["ntokens"]
-                # micro-batches weighted by their supervised tokens: the accumulated gradient is the
-                # gradient of the whole accumulated batch (not a mean of per-micro-batch means)
-                n = supervised_tokens(batches[bi])
-                loss, g = loss * n, tree_map(lambda v: v * n, g)
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                mx.eval(loss, grads)
-                acc_loss += loss
-                acc_n += 1
-                acc_sup += n
-                acc_toks += ntokens
-                if acc_n < accum and bi + 1 < len(batches):
-                    continue
-                if dist.enabled:  # one all_sum per optimizer step: gradients, loss and Ctrl-C flag
-                    grads, acc_loss, hit = dist.all_sum(
-                        (grads, acc_loss, mx.array(float(interrupt.hit))), f"step {step + 1}")
-                    hit_anywhere = hit.item() > 0  # every rank stops at the same step
-                grads = tree_map(lambda v: v / max(acc_sup, 1), grads)
-                optimizer.update(model, grads)
-                mx.eval(model.trainable_parameters(), optimizer.state)
-                step += 1
-                loss_val = (acc_loss / max(acc_sup, 1)).item()
-                if not math.isfinite(loss_val):
-                    where = f"; the last good checkpoint is {last_saved}" if last_saved else \
-                        " (no checkpoint was saved yet)"
-                    raise UserError(f"loss is {loss_val} at step {step} (stage {cfg.stage}, epoch "
-                                    f"{epoch + 1}): training diverged, stopped{where}; "
-                                    f"try a lower --learning-rate")
-                dt = time.perf_counter() - t0
-                tps = acc_toks / max(dt, 1e-9)
-                peak = mx.get_peak_memory() / 1e9
-                losses.append(loss_val)
-                if dist.main:
-                    ckpt.append_jsonl(metrics_file, {
-                        "step": step, "stage": cfg.stage, "epoch": epoch + 1, "loss": round(loss_val, 6),
-                        "lr": float(optimizer.learning_rate.item()), "tokens": acc_toks,
-                        "tokens_per_sec": round(tps, 1), "peak_memory_gb": round(peak, 3),
-                        "time": round(time.time(), 3),
-                        **({"ranks": dist.size, "all_sum_s": round(dist.wait_s, 3)} if dist.enabled else {})})
-                    bar.update(step, loss_val, tps, peak)
-                grads, acc_loss, acc_n, acc_sup, acc_toks, t0 = None, 0.0, 0, 0, 0, time.perf_counter()
-                group_start = bi + 1
-                hit = hit_anywhere if dist.enabled else interrupt.hit
-                stop = hit or (cfg.stop_after_steps is not None and step >= cfg.stop_after_steps)
-                if stop:
-                    if dist.main:
-                        bar.close()
-                    path = save(epoch, group_start)
-                    log(f"interrupted: saved {path} (step {step}); continue with "
-                        f"`mlx-coconut train --resume --out {out}`")
-                    dist.barrier("stopping")  # rank 0 has said so before any rank exits
-                    return {"out": str(out), "steps": step, "losses": losses, "interrupted": True}
-                if cfg.save_every and step % cfg.save_every == 0 and group_start < len(batches):
-                    save(epoch, group_start)
+    def last_good(self) -> str:
+        return f"the last good checkpoint is {self.last_saved}" if self.last_saved else \
+            "no checkpoint was saved"
+
+    def mark_best(self, accuracy: float, epoch: int, step: int) -> bool:
+        return self.dist.main and ckpt.mark_best(self.path, accuracy, epoch, step)
+
+
+class StageCallbacks(Callbacks):
+    """One stage's reporting: metrics.jsonl, the progress bar, checkpoints (--save-every, Ctrl-C /
+    --stop-after-steps, every epoch end), the optimizer reset cadence, epoch evaluation and the
+    best checkpoint."""
+
+    def __init__(self, run: RunDir, model, tokenizer, settings, valid, special, cfg, log, interrupt, bar):
+        self.run, self.model, self.tokenizer, self.settings = run, model, tokenizer, settings
+        self.valid, self.special, self.cfg, self.log = valid, special, cfg, log
+        self.interrupt, self.bar = interrupt, bar
+        self.reset, self.losses, self.tps, self.summary = reset_cadence(cfg), [], 0.0, None
+
+    def _state(self, step, epoch, batch, complete=False) -> dict:
+        cfg = self.cfg
+        return {"step": step, "epoch": epoch, "batch": batch, "stage": cfg.stage, "seed": cfg.seed,
+                "complete": complete, "data_order": {k: getattr(cfg, k) for k in ORDER_KEYS}}
+
+    def _save(self, optimizer, step, epoch, batch, complete=False) -> Path:
+        return self.run.save(self.model, self.tokenizer, optimizer, self._state(step, epoch, batch, complete))
+
+    def begin_epoch(self, epoch, first, optimizer):
+        if self.reset == "epoch" and epoch > 0 and first == 0:  # official reset_optimizer: every epoch
+            optimizer = make_optimizer(self.model, self.cfg)
+        self.bar.desc = f"stage {self.cfg.stage} epoch {epoch + 1}/{self.cfg.epochs}"
+        mx.reset_peak_memory()
+        return optimizer
+
+    def stop_requested(self) -> bool:
+        return self.interrupt.hit
+
+    def diverged(self, r: StepReport):
+        raise UserError(f"loss is {r.loss} at step {r.step} (stage {self.cfg.stage}, epoch {r.epoch + 1}): "
+                        f"training diverged, stopped; {self.run.last_good()}; try a lower --learning-rate")
+
+    def after_step(self, r: StepReport, stop: bool) -> bool:
+        cfg, dist = self.cfg, self.run.dist
+        self.losses.append(r.loss)
+        self.tps, peak = r.tokens_per_sec, mx.get_peak_memory() / 1e9
+        self.run.log_metrics({
+            "step": r.step, "stage": cfg.stage, "epoch": r.epoch + 1, "loss": round(r.loss, 6),
+            "lr": float(r.optimizer.learning_rate.item()), "tokens": r.tokens,
+            "tokens_per_sec": round(r.tokens_per_sec, 1), "peak_memory_gb": round(peak, 3),
+            "time": round(time.time(), 3),
+            **({"ranks": dist.size, "all_sum_s": round(dist.wait_s, 3)} if dist.enabled else {})})
+        if dist.main:
+            self.bar.update(r.step, r.loss, r.tokens_per_sec, peak)
+        if stop or (cfg.stop_after_steps is not None and r.step >= cfg.stop_after_steps):
             if dist.main:
-                bar.update(step, losses[-1] if losses else float("nan"), tps if losses else 0.0,
-                           mx.get_peak_memory() / 1e9, force=True)
-                bar.close()
-            save(epoch + 1, 0, complete=epoch + 1 >= cfg.epochs)
-            warnings = loss_warnings(losses, _vocab(model))
-            for w in warnings:
-                log(f"warning: {w}")
-            summary = end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, step,
-                                   out, log, dist, warnings)
-            if dist.main and "accuracy" in summary and ckpt.mark_best(out, summary["accuracy"],
-                                                                      epoch + 1, step):
-                log(f"best validation accuracy so far: {last_saved.name} is {out}:best")
-            model.train()
-            summary_last = summary
-    result = {"out": str(out), "steps": step, "losses": losses, "interrupted": False}
-    if cfg.epochs > start_epoch:
-        result["eval"] = summary_last
-    return result
+                self.bar.close()
+            path = self._save(r.optimizer, r.step, r.epoch, r.next_batch)
+            self.log(f"interrupted: saved {path} (step {r.step}); continue with "
+                     f"`mlx-coconut train --resume --out {self.run.path}`")
+            dist.barrier("stopping")  # rank 0 has said so before any rank exits
+            return True
+        if cfg.save_every and r.step % cfg.save_every == 0 and r.next_batch < r.n_batches:
+            self._save(r.optimizer, r.step, r.epoch, r.next_batch)
+        return False
+
+    def end_epoch(self, epoch, step, optimizer):
+        """Save, warn about a loss that learned nothing, evaluate, record the best checkpoint."""
+        dist = self.run.dist
+        if dist.main:
+            self.bar.update(step, self.losses[-1] if self.losses else float("nan"),
+                            self.tps if self.losses else 0.0, mx.get_peak_memory() / 1e9, force=True)
+            self.bar.close()
+        self._save(optimizer, step, epoch + 1, 0, complete=epoch + 1 >= self.cfg.epochs)
+        warnings = loss_warnings(self.losses, _vocab(self.model))
+        for w in warnings:
+            self.log(f"warning: {w}")
+        summary = end_of_epoch(self.model, self.tokenizer, self.settings, self.valid,
+                               self.settings.format_config(), self.special, self.cfg, epoch, step,
+                               self.run.path, self.log, dist, warnings)
+        if "accuracy" in summary and self.run.mark_best(summary["accuracy"], epoch + 1, step):
+            self.log(f"best validation accuracy so far: {self.run.last_saved.name} is {self.run.path}:best")
+        self.model.train()
+        self.summary = summary
 
 
 def _quiet(*_, **__):

@@ -67,7 +67,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="records in the (one) training batch")
     p.add_argument("--skip", type=int, default=0, help="start at this GSM8k record")
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
-                   help="LoRA of this rank on every projection (the product's checkpoint.apply_lora) "
+                   help="LoRA of this rank on every projection (the product's adapters.apply_lora) "
                    "instead of full-weight gradients")
     p.add_argument("--pool", type=int, default=128, metavar="N",
                    help="also count computed columns over N records batched as train.py does "
@@ -87,7 +87,7 @@ def main(argv=None):
     new_ids = add_latent_tokens(model, tokenizer).ids
     ids = special_ids(tokenizer)
     if args.lora:
-        from mlx_coconut.checkpoint import apply_lora
+        from mlx_coconut.adapters import apply_lora
         apply_lora(model, {"rank": args.lora, "scale": 20.0, "dropout": 0.0, "layers": 0}, new_ids)
         mx.eval(model.parameters())
     print(f"gradients: {'LoRA rank %d' % args.lora if args.lora else 'full weights'}")
@@ -166,7 +166,7 @@ def pool_columns(records_n, bs, tokenizer, ids):
     from mlx_coconut.train import epoch_batches
 
     records = bc.read_gsm8k(records_n)
-    cfg = SimpleNamespace(seed=0, batch_size=bs, max_seq_length=10**9)
+    cfg = SimpleNamespace(seed=0, batch_size=bs, max_seq_length=10**9, grad_accumulation_steps=1)
     out = {}
     for how in ("shuffled", "grouped"):
         tot = {}

@@ -4,8 +4,8 @@ Shape: 32 layers, hidden 4096, MLP 14336, 32 query / 8 kv heads (head_dim 128), 
 + the 3 COCONUT tokens), llama3 rope scaling, untied head. Random weights, built lazily and
 materialised one array at a time directly in the target format (bf16, or 4-bit QLoRA with bf16
 scales), so no fp32 copy of the model ever exists. The step is the product's: `tokens`-style new rows
-+ `checkpoint.apply_lora` (LoRA rank --rank on every projection, trainable latent-token rows),
-`checkpoint.quantize_base` for QLoRA, `train.enable_grad_checkpoint` (whole blocks recomputed),
++ `adapters.apply_lora` (LoRA rank --rank on every projection, trainable latent-token rows),
+`adapters.quantize_base` for QLoRA, `train.enable_grad_checkpoint` (whole blocks recomputed),
 `train.Stepper` (loss+grad over `coconut.loss_fn`, its head in checkpointed chunks of --loss-chunk
 positions; one latent column = 2 passes) and an AdamW update.
 Peak = `mx.get_peak_memory()` over the step, weights included (reset after the weights are built).
@@ -48,7 +48,7 @@ def build(layers: int, base: str, rank: int, shape: dict, q_bits: int = 4, group
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from mlx_coconut import checkpoint as ckpt
+    from mlx_coconut import adapters
     from mlx_coconut.model import Model, ModelArgs
 
     args = ModelArgs.from_dict({**shape, "num_hidden_layers": layers})
@@ -60,14 +60,14 @@ def build(layers: int, base: str, rank: int, shape: dict, q_bits: int = 4, group
             for k, v in tree_flatten(model.parameters())}
     model.update(tree_unflatten(list(fill.items())))
     if base == "qlora":
-        ckpt.quantize_base(model, q_bits, group_size)
+        adapters.quantize_base(model, q_bits, group_size)
     for _, v in tree_flatten(model.parameters()):  # one array at a time: no fp32 model copy
         mx.eval(v)
     V = args.vocab_size
     new_ids = (V - 3, V - 2, V - 1)  # the 3 COCONUT tokens are the last rows
     lora = {"rank": rank, "scale": 20.0, "dropout": 0.0, "layers": 0,
             "quantization": {"bits": q_bits, "group_size": group_size} if base == "qlora" else None}
-    ckpt.apply_lora(model, lora, new_ids)
+    adapters.apply_lora(model, lora, new_ids)
     mx.eval(model.parameters())
     return model, new_ids
 

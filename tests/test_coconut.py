@@ -12,24 +12,15 @@ from mlx.utils import tree_flatten
 
 from mlx_coconut.coconut import IGNORE, continuous_forward, generate, loss_fn
 from mlx_coconut.data import Example, collate as data_collate
-from mlx_coconut.model import Model, ModelArgs, load_model
+from mlx_coconut.model import load_model
+from helpers import LLAMA31_TINY, random_model
 from tolerance import RTOL, rel_diff, tree_rel_diff
 
-TINY = dict(  # Llama 3.1-shaped (llama3 rope, untied, GQA), only tiny
-    model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=160,
-    num_attention_heads=8, num_key_value_heads=2, vocab_size=101, rms_norm_eps=1e-5,
-    rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=4096,
-    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=64),
-)
 PAD, START, LATENT, END, EOS = 0, 97, 98, 99, 100
 
 
 def tiny_model(seed=0, **overrides):
-    mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict(dict(TINY, **overrides)))
-    mx.eval(model.parameters())
-    return model
+    return random_model(seed, **dict(LLAMA31_TINY, **overrides))
 
 
 def make_example(q_len, n_latents, rest_len, rng, ids=(START, LATENT, END, EOS)):
@@ -139,10 +130,10 @@ SMOL_LATENT = 33691  # `<<` stands in for <|latent|>: the loop only needs to kno
 def test_chunked_loss_equals_unchunked(variant):
     """loss_fn's checkpointed per-chunk head (chunks of 5 positions, across rows) = one big chunk,
     loss and every gradient (head, LoRA and new-token rows included)."""
-    from mlx_coconut import checkpoint as ckpt
+    from mlx_coconut import adapters
     model = tiny_model(seed=5, tie_word_embeddings=variant == "tied")
     if variant == "lora":
-        ckpt.apply_lora(model, {"rank": 4, "scale": 20.0, "dropout": 0.0, "layers": 0,
+        adapters.apply_lora(model, {"rank": 4, "scale": 20.0, "dropout": 0.0, "layers": 0,
                                 "quantization": None}, (START, LATENT, END))
         mx.eval(model.parameters())
     rng = np.random.default_rng(5)
@@ -225,7 +216,7 @@ def test_fed_back_state_is_used():
     first, second = [i for i, x in enumerate(ids) if x == LATENT][:2]
     base = model.logits(continuous_forward(model, mx.array(ids)[None], mask))
     # Perturb what pass 1 hands to the second latent: logits before it are untouched, after it change.
-    bumped = PerturbFedState(model, at=1, delta=0.5 * mx.random.normal((TINY["hidden_size"],)))
+    bumped = PerturbFedState(model, at=1, delta=0.5 * mx.random.normal((LLAMA31_TINY["hidden_size"],)))
     out = model.logits(continuous_forward(bumped, mx.array(ids)[None], mask))
     assert max_diff(out[:, :second - 1], base[:, :second - 1]) == 0.0
     assert float(mx.abs(out[0, second:] - base[0, second:]).max(axis=-1).min()) > 1e-3

@@ -4,6 +4,7 @@ import json
 import random
 import re
 import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -345,7 +346,7 @@ def test_download_offline_and_online(tmp_path, monkeypatch):
     def offline(url, timeout=None):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(D.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     res = _run(["data", "download", "gsm8k", "--out", str(tmp_path / "d")])
     _one_line_error(res, D.GSM8K_URLS["train"], "mlx-coconut data convert")
 
@@ -363,7 +364,7 @@ def test_download_offline_and_online(tmp_path, monkeypatch):
         def __exit__(self, *a):
             pass
 
-    monkeypatch.setattr(D.urllib.request, "urlopen",
+    monkeypatch.setattr(urllib.request, "urlopen",
                         lambda url, timeout=None: Resp(b"q||<<2*3=6>> #### 6\nr||#### 1,000\n"))
     res = _run(["data", "download", "gsm8k", "--out", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output

@@ -7,6 +7,7 @@ answer}, ...}, ...}."""
 
 import json
 import urllib.error
+import urllib.request
 
 import pytest
 from click.testing import CliRunner
@@ -16,7 +17,7 @@ from mlx_coconut import data as D
 from mlx_coconut.cli import main
 from mlx_coconut.evaluate import default_max_tokens
 
-from test_eval import _tiny_model_dir
+from helpers import model_dir_with_tokenizer
 
 
 def _run(args):
@@ -122,7 +123,7 @@ def _offline(url, timeout=None):
 
 
 def test_prosqa_download_offline_names_the_url_and_online_keeps_the_graph(tmp_path, monkeypatch, shared_data):
-    monkeypatch.setattr(D.urllib.request, "urlopen", _offline)
+    monkeypatch.setattr(urllib.request, "urlopen", _offline)
     res = _run(["data", "download", "prosqa", "--out", str(tmp_path / "d")])
     _one_line_error(res, D.PROSQA_URLS["train"], "mlx-coconut data convert prosqa_train.json")
     assert "27273cb8cca4bb763c041a63b036d0c3b7cbbb48/data/prosqa_train.json" in D.PROSQA_URLS["train"]
@@ -130,7 +131,7 @@ def test_prosqa_download_offline_names_the_url_and_online_keeps_the_graph(tmp_pa
 
     valid = (shared_data / "prosqa" / "prosqa_valid.json").read_bytes()
     urls = []
-    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout=None: urls.append(url) or _Resp(valid))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: urls.append(url) or _Resp(valid))
     res = _run(["data", "download", "prosqa", "--split", "valid", "--out", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output
     assert urls == [D.PROSQA_URLS["valid"]] and "valid: 300 records" in res.output
@@ -140,7 +141,7 @@ def test_prosqa_download_offline_names_the_url_and_online_keeps_the_graph(tmp_pa
 
 
 def test_prontoqa_source_url_offline_names_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(D.urllib.request, "urlopen", _offline)
+    monkeypatch.setattr(urllib.request, "urlopen", _offline)
     url = "https://example.org/5hop_0shot_random.json"
     _one_line_error(_run(["data", "download", "prontoqa", "--source", url, "--out", str(tmp_path / "p")]),
                     url, "--source")
@@ -159,7 +160,7 @@ def test_default_generation_budget_is_the_official_one(shared_data):
 
 @pytest.fixture
 def prosqa_model(smollm2_dir, tmp_path):
-    return _tiny_model_dir(tmp_path / "prosqa-model", smollm2_dir,
+    return model_dir_with_tokenizer(tmp_path / "prosqa-model", smollm2_dir,
                            {"mode": "coconut", "stage": 7, "c_thought": 1, "max_latent_stage": 6,
                             "pad_latent_to_max": True})
 

@@ -22,8 +22,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_coconut import checkpoint as ckpt
 from mlx_coconut import distributed, train
-from mlx_coconut.data import save_records, synth_records
-from test_train import make_tiny_model
+from mlx_coconut.data import FormatConfig
 from tolerance import RTOL, rel_diff, tree_rel_diff
 
 CLI = [sys.executable, "-c", "from mlx_coconut.cli import main; main()", "train"]
@@ -32,16 +31,6 @@ TIMEOUT = 90  # seconds, per subprocess: a hang fails the test instead of blocki
 # global batch 7 over 16 records: shares of 3 + 4 rows, then a last batch of 2 (1 + 1 rows)
 SETTINGS = dict(eval_samples=4, max_new_tokens=8, batch_size=7, learning_rate=1e-4, save_every=0,
                 seed=0, epochs=1)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    records = synth_records(16, seed=0, min_steps=1, max_steps=2)
-    model = make_tiny_model(root / "model", records)
-    data = root / "train.json"
-    save_records(records, data)
-    return {"root": root, "model": model, "data": data}
 
 
 def config_file(tiny, name, **kw) -> Path:
@@ -152,7 +141,7 @@ def test_shard_gradients_sum_to_the_batch_gradient(tiny):
                                              eval_samples=0))
     records, _ = train.load_data(cfg, lambda *_: None)
     model, tok, special, _ = train.setup_model(cfg, None, lambda *_: None)
-    batch = train.epoch_batches(records, tok, train.format_config(cfg), special, cfg, 0)[0]
+    batch = train.epoch_batches(records, tok, FormatConfig.from_settings(cfg, uniform_prob=cfg.uniform_prob), special, cfg, 0)[0]
     stepper = train.Stepper(model, True, False)
     loss, _, full = stepper(train.make_batch(batch, special.eos, special.latent, cfg.bucket))
     dist = distributed.Dist()

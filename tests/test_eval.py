@@ -8,7 +8,6 @@ a fake that returns known texts per question, so every number below is computed 
 import json
 import struct
 
-import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
@@ -16,6 +15,7 @@ from mlx_coconut import coconut
 from mlx_coconut.cli import main
 from mlx_coconut.data import Record, save_records
 from mlx_coconut.evaluate import extract_answer
+from helpers import model_dir_with_tokenizer
 
 RECORDS = [
     Record("Tom has 10 boxes of 100 coins. How many coins?", ["<<10*100=1000>>"], "1,000"),
@@ -38,35 +38,11 @@ STAGE0_COT = [True, False, True, True]             # 3/4 = 75.00%
 STAGE1_THOUGHTS = [1, 0, 1, 1]                      # eval prompt caps thoughts at the record's steps
 
 
-def _tiny_model_dir(path, tokenizer_src, settings=None):
-    """A random 2-layer Llama with the real SmolLM2 tokenizer (+ the 3 latent tokens)."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.tokenizer_utils import load as load_tok
-
-    from mlx_coconut.data import special_ids
-    from mlx_coconut.model import Model, ModelArgs
-
-    path.mkdir(parents=True)
-    tok = load_tok(tokenizer_src)
-    special_ids(tok._tokenizer)  # adds the latent tokens to the tokenizer
-    config = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5,
-              "vocab_size": len(tok._tokenizer), "rope_theta": 10000.0, "tie_word_embeddings": True,
-              "max_position_embeddings": 512}
-    model = Model(ModelArgs.from_dict(config))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (path / "config.json").write_text(json.dumps(config))
-    tok._tokenizer.save_pretrained(str(path))
-    if settings:
-        (path / "coconut.json").write_text(json.dumps({"settings": settings}))
-    return path
-
-
 @pytest.fixture(scope="module")
 def models(smollm2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_models")
-    s0 = _tiny_model_dir(root / "stage0", smollm2_dir, {"mode": "cot", "stage": 0})
-    s1 = _tiny_model_dir(root / "stage1", smollm2_dir, {"mode": "coconut", "stage": 1, "c_thought": 1,
+    s0 = model_dir_with_tokenizer(root / "stage0", smollm2_dir, {"mode": "cot", "stage": 0})
+    s1 = model_dir_with_tokenizer(root / "stage1", smollm2_dir, {"mode": "coconut", "stage": 1, "c_thought": 1,
                                                         "pad_latent_to_max": False})  # capped prompts
     return s0, s1
 

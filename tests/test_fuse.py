@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_coconut import api, checkpoint as ckpt, train
+from mlx_coconut import adapters, api, checkpoint as ckpt, train
 from mlx_coconut.cli import main
 from mlx_coconut.coconut import continuous_forward
 from mlx_coconut.data import load_records, save_records, synth_records
-from test_train import make_tiny_model
+from mlx_coconut.tokens import base_rows
+from helpers import make_tiny_model
 
 QUESTION_INDEX = 3
 
@@ -71,7 +72,7 @@ def test_fused_dir_matches_run_and_opens_in_mlx_lm(runs, kind, tmp_path):
     assert not (out / "adapters.safetensors").exists()
     run, fused = ckpt.load(runs[kind]), ckpt.load(out)
     assert fused.settings == run.settings and fused.settings.stage == 1 and fused.settings.c_thought == 2
-    assert fused.run is None and not any(isinstance(m, ckpt.ExtraRows) for _, m in fused.model.named_modules())
+    assert fused.run is None and not any(isinstance(m, adapters.ExtraRows) for _, m in fused.model.named_modules())
     q = runs["records"][QUESTION_INDEX].question
     ids_run, logits_run = latent_logits(run, q)
     ids_fused, logits_fused = latent_logits(fused, q)
@@ -106,11 +107,11 @@ def test_qlora_fuse_keeps_4bit_or_dequantizes(runs, tmp_path):
     config = json.loads((tmp_path / "q4" / "config.json").read_text())
     assert config["quantization"] == {"group_size": 64, "bits": 4}
     q4 = ckpt.load(tmp_path / "q4")
-    assert ckpt.is_quantized(q4.model)
+    assert adapters.is_quantized(q4.model)
     # the trained latent rows, quantized like the other rows: within 4-bit error of the trained ones
     lat = run.settings.latent_ids["latent"]
     trained = run.model.model.embed_tokens.extra[1]
-    stored = ckpt.base_rows(q4.model.model.embed_tokens, [lat])[0]
+    stored = base_rows(q4.model.model.embed_tokens, [lat])[0]
     assert_close(stored, trained, 0.2)
     from mlx_lm import load as mlx_lm_load
     mlx_lm_load(str(tmp_path / "q4"))  # loads (strict) with the quantization config
@@ -119,7 +120,7 @@ def test_qlora_fuse_keeps_4bit_or_dequantizes(runs, tmp_path):
     assert r.exit_code == 0, r.output
     assert "quantization" not in json.loads((tmp_path / "fp" / "config.json").read_text())
     fp = ckpt.load(tmp_path / "fp")
-    assert not ckpt.is_quantized(fp.model)
+    assert not adapters.is_quantized(fp.model)
     _, logits_fp = latent_logits(fp, q)
     assert_close(logits_fp, logits_run, 1e-4)  # dequantize(W) + LoRA delta = the run's forward
     assert "QLoRA 4-bit base, dequantized" in (tmp_path / "fp" / "README.md").read_text()

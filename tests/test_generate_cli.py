@@ -6,10 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mlx.utils import tree_flatten
 
 from mlx_coconut.cli import main
-from mlx_coconut.model import Model, ModelArgs
+import helpers
 from tolerance import RTOL, rel_diff
 
 SPECIAL = ["<eos>", "<pad>", "<unk>", "<|start-latent|>", "<|latent|>", "<|end-latent|>"]
@@ -29,12 +28,8 @@ def write_model_dir(path, settings=None, seed=0):
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>",
         "unk_token": "<unk>"}))
-    mx.random.seed(seed)
-    args = ModelArgs(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=len(vocab), tie_word_embeddings=True)
-    model = Model(args)
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (path / "config.json").write_text(json.dumps(args.to_dict()))
+    model = helpers.write_model_dir(path, seed, hidden_size=32, intermediate_size=64, vocab_size=len(vocab),
+                                    tie_word_embeddings=True)
     if settings:
         (path / "coconut.json").write_text(json.dumps({"settings": settings}))
     return model, vocab

@@ -9,17 +9,9 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_coconut.errors import UserError
 from mlx_coconut.model import Model, ModelArgs, load_model
+from helpers import LLAMA31_TINY
 from tolerance import RTOL, rel_diff
 
-# Shaped like Llama 3.1 (llama3 rope scaling, untied, GQA 4:1), only tiny. The small
-# original_max_position_embeddings puts the scaled and the interpolated band inside head_dim.
-LLAMA31_TINY = dict(
-    model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=160,
-    num_attention_heads=8, num_key_value_heads=2, vocab_size=101, rms_norm_eps=1e-5,
-    rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=4096,
-    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=64),
-)
 SMOL_TINY = dict(LLAMA31_TINY, rope_scaling=None, tie_word_embeddings=True, rope_theta=100000.0,
                  num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
 

@@ -10,19 +10,13 @@ from mlx.utils import tree_flatten
 from mlx_coconut import checkpoint as ckpt
 from mlx_coconut import train
 from mlx_coconut.data import FormatConfig, Record, TextTokenizer, format_record, special_ids
-from mlx_coconut.data import save_records, synth_records
 from mlx_coconut.errors import UserError
-from test_train import cfg, make_tiny_model, quiet
+from helpers import cfg, quiet, tiny_setup
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipe")
-    records = synth_records(16, seed=3, min_steps=1, max_steps=2)
-    data = root / "train.json"
-    save_records(records, data)
-    return {"root": root, "model": make_tiny_model(root / "model", records), "data": data,
-            "tied": make_tiny_model(root / "tied", records, tie=True)}
+    return tiny_setup(tmp_path_factory.mktemp("recipe"), seed=3, tied=True)
 
 
 @pytest.fixture(scope="module")

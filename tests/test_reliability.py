@@ -21,21 +21,11 @@ from mlx.utils import tree_flatten
 from mlx_coconut import checkpoint as ckpt
 from mlx_coconut import train
 from mlx_coconut.cli import main
-from mlx_coconut.data import save_records, synth_records
+from mlx_coconut.data import synth_records
 from mlx_coconut.errors import UserError
-from test_train import cfg, make_tiny_model, quiet
+from helpers import cfg, make_tiny_model, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rel")
-    records = synth_records(16, seed=0, min_steps=1, max_steps=2)
-    model = make_tiny_model(root / "model", records)
-    data = root / "train.json"
-    save_records(records, data)
-    return {"root": root, "model": model, "data": data}
 
 
 def cli(*args, env=None):

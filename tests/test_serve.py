@@ -13,7 +13,7 @@ from mlx_coconut import api, train
 from mlx_coconut.cli import main
 from mlx_coconut.data import save_records, synth_records
 from mlx_coconut.serve import close_server, make_server
-from test_train import make_tiny_model
+from helpers import make_tiny_model
 
 MAX_TOKENS = 24
 

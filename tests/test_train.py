@@ -14,70 +14,15 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from mlx_coconut import checkpoint as ckpt
+from mlx_coconut import adapters, checkpoint as ckpt
 from mlx_coconut import train
 from mlx_coconut.cli import main
-from mlx_coconut.data import load_records, save_records, synth_records
+from mlx_coconut.coconut import collated_loss
+from mlx_coconut.data import load_records
 from mlx_coconut.errors import UserError
 from mlx_coconut.evaluate import evaluate
+from helpers import cfg, quiet
 from tolerance import RTOL, rel_diff, tree_rel_diff
-
-HIDDEN, LAYERS = 64, 2
-
-
-def make_tokenizer(path: Path, records) -> int:
-    """A byte-level BPE trained on the records themselves: exact round trip, ~35 tokens per record
-    (numbers and words mostly single tokens, `<<` one token — the latent tokens copy its rows)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2000, min_frequency=1, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator([r.question + "\n" + "".join(s + "\n" for s in r.steps) + "### " + r.answer
-                             for r in records], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(path))
-    return tok.get_vocab_size()
-
-
-def make_tiny_model(path: Path, records, hidden=HIDDEN, layers=LAYERS, tie=False, seed=0) -> Path:
-    from mlx_coconut.model import Model, ModelArgs
-
-    path.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
-              "intermediate_size": 2 * hidden, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "vocab_size": make_tokenizer(path, records), "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "tie_word_embeddings": tie, "max_position_embeddings": 2048}
-    mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict(config))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    records = synth_records(16, seed=0, min_steps=1, max_steps=2)
-    model = make_tiny_model(root / "model", records)
-    data = root / "train.json"
-    save_records(records, data)
-    return {"root": root, "model": model, "data": data}
-
-
-def cfg(tiny, out, **kw) -> train.TrainConfig:
-    base = dict(model=str(tiny["model"]), out=str(out), train=str(tiny["data"]), eval_samples=0,
-                batch_size=8, learning_rate=2e-3, save_every=0, seed=0)
-    base.update(kw)
-    return train.TrainConfig(**base)
-
-
-def quiet(*_):
-    pass
-
 
 def accuracy(run_dir, records) -> tuple:
     loaded = ckpt.load(run_dir)
@@ -208,7 +153,7 @@ def test_qlora_on_4bit_base_trains(tiny):
     # a random frozen output head bounds how far LoRA alone can go; a clear fall is what matters
     assert np.mean(losses[-2:]) < 0.9 * losses[0], losses
     loaded = ckpt.load(out)
-    assert ckpt.is_quantized(loaded.model)
+    assert adapters.is_quantized(loaded.model)
     assert ckpt.read_run(out)["lora"]["quantization"] == {"bits": 4, "group_size": 64}
 
 
@@ -229,7 +174,7 @@ def test_lora_on_a_quantized_converted_model_uses_it_as_is(tiny):
     assert all(math.isfinite(l) for l in result["losses"])
     run = ckpt.read_run(out)
     assert run["lora"]["quantization"] is None and Path(run["base_model"]) == qdir.resolve()
-    assert ckpt.is_quantized(ckpt.load(out).model)
+    assert adapters.is_quantized(ckpt.load(out).model)
     # full fine-tuning of quantized weights is refused in one line
     r = _cli(["--model", str(qdir), "--train", str(tiny["data"]), "--out", str(tiny["root"] / "q-full")])
     assert r.exit_code == 2 and "add --lora" in r.stderr
@@ -449,7 +394,7 @@ def test_compiled_step_equals_eager_for_every_latent_layout(tiny):
         # extra left/right padding (bucketing) does not change the loss
         plain = train.make_batch(ex, 0, special.latent, 1, latent_align=1)
         assert plain["input_ids"].shape[1] < 128
-        unpadded = train.batch_loss(loaded.model, plain, True)
+        unpadded = collated_loss(loaded.model, plain, True)
         assert rel_diff(unpadded[0], eager[0]) < RTOL
     assert len(seen) == 3 and len(compiled_stepper.traces) == 3   # stage 2 and c=2 share a layout
 

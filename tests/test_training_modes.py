@@ -2,7 +2,7 @@
 training modes (pause, no-cot, no-thought), uniform stage mixing (and its --resume), gradient
 accumulation = the full-batch gradient, the curriculum's final stage, and the configs/ presets.
 
-Uses the tiny random Llama + BPE tokenizer of test_train (16 synthetic records, seconds per run)."""
+Uses the tiny random Llama + BPE tokenizer of tests/helpers.py (16 synthetic records, seconds per run)."""
 
 import json
 from pathlib import Path
@@ -18,10 +18,10 @@ from mlx.utils import tree_flatten
 from mlx_coconut import checkpoint as ckpt
 from mlx_coconut import train
 from mlx_coconut.cli import main
-from mlx_coconut.data import load_records
+from mlx_coconut.data import FormatConfig, load_records
 from mlx_coconut.evaluate import EvalResults
 
-from test_train import cfg, quiet, tiny  # noqa: F401  (tiny is a fixture)
+from helpers import cfg, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,11 +130,11 @@ def test_pause_no_cot_and_no_thought_modes_train(tiny):
         assert (loaded.settings.mode, loaded.settings.stage) == (mode, stage)
         runs[mode] = loaded
     from mlx_coconut.data import format_record
-    from mlx_coconut.api import format_config, special_ids
+    from mlx_coconut.api import special_ids
     r = next(r for r in records if len(r.steps) == 2)
     seen = {}
     for mode, loaded in runs.items():
-        ex = format_record(r, loaded.tokenizer, format_config(loaded), special_ids(loaded))
+        ex = format_record(r, loaded.tokenizer, loaded.settings.format_config(), special_ids(loaded))
         seen[mode] = (ex.n_latents, loaded.tokenizer.decode([t for t, l in zip(ex.input_ids, ex.labels) if l != -100]))
     # pause: the latent tokens are in the input (2 thoughts for stage 2, c=1), nothing fed back
     assert seen["pause"][0] == 2 and "<<" not in seen["pause"][1] and r.answer in seen["pause"][1]
@@ -164,7 +164,7 @@ def test_uniform_prob_draws_stages_and_resume_reproduces_them(tiny):
     special = SpecialIds(ids.start, ids.latent, ids.end, 0)
 
     def stages(epoch):
-        batches = train.epoch_batches(model_records, loaded.tokenizer, train.format_config(c), special, c, epoch)
+        batches = train.epoch_batches(model_records, loaded.tokenizer, FormatConfig.from_settings(c, uniform_prob=c.uniform_prob), special, c, epoch)
         return [e.stage for b in batches for e in b]
 
     s0 = stages(0)
@@ -207,7 +207,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(tiny, monkeypatch, stag
                               grad_accumulation_steps=2, seed=1))  # seed: micro-batches of unequal size
     model, tok, special, _ = train.setup_model(rc, None, quiet)
     records, _ = train.load_data(rc, quiet)
-    micro = train.epoch_batches(records, tok, train.format_config(rc), special, rc, 0)[:2]
+    micro = train.epoch_batches(records, tok, FormatConfig.from_settings(rc, uniform_prob=rc.uniform_prob), special, rc, 0)[:2]
     counts = [train.supervised_tokens(m) for m in micro]
     assert counts[0] != counts[1]                     # a mean of the two means would differ
     stepper = train.Stepper(model, True, False)

@@ -9,7 +9,8 @@ and result; each step uses the previous step's result; the last result is the an
 import random
 import re
 
-from .errors import UserError
+from ..errors import UserError
+from .records import Record
 
 PEOPLE = [("Mia", "she"), ("Liam", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"),
           ("Omar", "he"), ("Lena", "she"), ("Ravi", "he"), ("Emma", "she"), ("Jack", "he"),
@@ -106,8 +107,6 @@ def _largest(step: str) -> int:
 def synth_record(r: random.Random, n_steps: int, ops=OPS, max_value: int = MAX_VALUE):
     """One problem with exactly `n_steps` steps, drawn from `r`, using the step kinds in `ops`, every
     intermediate result at most `max_value`."""
-    from .data import Record
-
     (name, p), (friend, _) = r.sample(PEOPLE, 2)
     obj, c, cs = r.choice(THINGS)
     w = dict(N=name, F=friend, p=p, P=p.capitalize(), o="her" if p == "she" else "him",

@@ -1,0 +1,99 @@
+"""The training loop, in mlx-lm's shape (`tuner/trainer.py`): micro-batches → token-weighted
+gradient accumulation → one optimizer update → a report to `Callbacks`, with a NaN guard. What a
+step computes (`step_fn`), how ranks combine (`reduce`) and what is written, printed, saved or
+evaluated (the callbacks) are the caller's: see `train.py`."""
+
+import math
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+from .errors import UserError
+
+
+@dataclass
+class StepReport:
+    """One optimizer step, as `train_loop` reports it."""
+    step: int
+    epoch: int
+    next_batch: int       # the epoch's first micro-batch not yet in a step: where a resume starts
+    n_batches: int
+    loss: float
+    tokens: int
+    tokens_per_sec: float
+    optimizer: object
+
+
+class Callbacks:
+    """What `train_loop` reports to; every hook is a no-op here."""
+
+    def begin_epoch(self, epoch: int, first: int, optimizer):
+        """Called before the epoch's first micro-batch; returns the optimizer to train it with."""
+        return optimizer
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def after_step(self, report: StepReport, stop: bool) -> bool:
+        """Called after every optimizer step (`stop`: a stop was requested); True ends the run."""
+        return stop
+
+    def diverged(self, report: StepReport):
+        """Called on a non-finite loss; should raise a UserError saying what to do."""
+
+    def end_epoch(self, epoch: int, step: int, optimizer):
+        pass
+
+
+class _Accumulator:
+    """Micro-batches of one optimizer step, weighted by their supervised tokens: the summed gradient
+    divided by the token count is the gradient of the whole batch, not a mean of per-batch means."""
+
+    def __init__(self):
+        self.grads, self.loss, self.n, self.supervised, self.tokens = None, 0.0, 0, 0, 0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss, grads, supervised: int, tokens: int):
+        loss, grads = loss * supervised, tree_map(lambda v: v * supervised, grads)
+        self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
+        mx.eval(loss, self.grads)
+        self.loss += loss
+        self.n += 1
+        self.supervised += supervised
+        self.tokens += tokens
+
+
+def train_loop(model, optimizer, epochs, step_fn, callbacks: Callbacks, accum: int = 1, reduce=None,
+               start_step: int = 0) -> dict:
+    """mlx-lm's trainer shape. For each (epoch, micro-batches, first index) of `epochs`: run
+    `step_fn(examples, epoch, index)` → (loss, grads, supervised tokens, tokens) on each micro-batch,
+    sum `accum` of them, `reduce(grads, loss, stop, step)` the sums across ranks (None: one process),
+    update on the token-weighted mean gradient, and report the step to `callbacks`.
+    Returns {"step", "losses", "interrupted"}."""
+    step, losses = start_step, []
+    for epoch, batches, first in epochs:
+        optimizer = callbacks.begin_epoch(epoch, first, optimizer)
+        acc = _Accumulator()
+        for bi in range(first, len(batches)):
+            acc.add(*step_fn(batches[bi], epoch, bi))
+            if acc.n < accum and bi + 1 < len(batches):
+                continue
+            grads, loss, stop = acc.grads, acc.loss, callbacks.stop_requested()
+            if reduce is not None:
+                grads, loss, stop = reduce(grads, loss, stop, step + 1)
+            optimizer.update(model, tree_map(lambda v: v / max(acc.supervised, 1), grads))
+            mx.eval(model.trainable_parameters(), optimizer.state)
+            step += 1
+            report = StepReport(step, epoch, bi + 1, len(batches), (loss / max(acc.supervised, 1)).item(),
+                                acc.tokens, acc.tokens / max(time.perf_counter() - acc.t0, 1e-9), optimizer)
+            if not math.isfinite(report.loss):
+                callbacks.diverged(report)
+                raise UserError(f"loss is {report.loss} at step {step}: training diverged")
+            losses.append(report.loss)
+            if callbacks.after_step(report, stop):
+                return {"step": step, "losses": losses, "interrupted": True}
+            acc = _Accumulator()
+        callbacks.end_epoch(epoch, step, optimizer)
+    return {"step": step, "losses": losses, "interrupted": False}
