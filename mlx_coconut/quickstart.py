@@ -46,7 +46,7 @@ class Budget:
 
 
 BUDGETS = {
-    "default": Budget(train=400, valid=32, test=200, note="~20 minutes on a 2-core x86 CPU"),
+    "default": Budget(train=400, valid=16, test=200, note="~20 minutes on a 2-core x86 CPU"),
     "long": Budget(train=400, valid=32, test=200,
                    latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "3"),
                    note="~40 minutes on a 2-core x86 CPU: three epochs at stage 1"),
