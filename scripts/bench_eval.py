@@ -77,7 +77,7 @@ def main(argv=None):
 
     from mlx_coconut.checkpoint import load_tokenizer
     from mlx_coconut.coconut import generate
-    from mlx_coconut.data import FormatConfig, format_record, special_ids
+    from mlx_coconut.data import FormatConfig, format_record, add_latent_special_ids
     from mlx_coconut.model import load_model
     from mlx_coconut.tokens import add_latent_tokens
 
@@ -86,7 +86,7 @@ def main(argv=None):
     model, _ = load_model(path)
     tokenizer = load_tokenizer(path)
     add_latent_tokens(model, tokenizer)  # no-op for a COCONUT run directory
-    ids = special_ids(tokenizer)
+    ids = add_latent_special_ids(tokenizer)
     eos = sorted(set(getattr(tokenizer, "eos_token_ids", None) or [ids.eos]))
     cfg = FormatConfig(mode=args.mode, stage=args.stage if args.mode == "coconut" else 0,
                        c_thought=args.c_thought)

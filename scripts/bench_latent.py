@@ -76,7 +76,7 @@ def main(argv=None):
 
     from mlx_coconut.checkpoint import load_tokenizer
     from mlx_coconut.coconut import loss_fn
-    from mlx_coconut.data import FormatConfig, collate, format_record, special_ids
+    from mlx_coconut.data import FormatConfig, collate, format_record, add_latent_special_ids
     from mlx_coconut.model import load_model
     from mlx_coconut.tokens import add_latent_tokens
 
@@ -85,7 +85,7 @@ def main(argv=None):
     model, _ = load_model(path)
     tokenizer = load_tokenizer(path)
     new_ids = add_latent_tokens(model, tokenizer).ids
-    ids = special_ids(tokenizer)
+    ids = add_latent_special_ids(tokenizer)
     if args.lora:
         from mlx_coconut.adapters import apply_lora
         apply_lora(model, {"rank": args.lora, "scale": 20.0, "dropout": 0.0, "layers": 0}, new_ids)

@@ -51,7 +51,7 @@ def main(argv=None):
 
     from mlx_coconut import adapters
     from mlx_coconut.checkpoint import load_tokenizer
-    from mlx_coconut.data import FormatConfig, format_record, special_ids
+    from mlx_coconut.data import FormatConfig, format_record, add_latent_special_ids
     from mlx_coconut.model import load_model
     from mlx_coconut.tokens import add_latent_tokens
     from mlx_coconut.train import Stepper, make_batch
@@ -66,7 +66,7 @@ def main(argv=None):
     new_ids = add_latent_tokens(ours, tokenizer).ids
     adapters.apply_lora(ours, lora, new_ids)
     mx.eval(ours.parameters())
-    ids = special_ids(tokenizer)
+    ids = add_latent_special_ids(tokenizer)
     records = bc.read_gsm8k(args.skip + args.batch_size, split="test")[args.skip:]
     examples = [format_record(r, tokenizer, FormatConfig(mode="cot"), ids) for r in records]
     batch = make_batch(examples, ids.eos, ids.latent, bucket=32)

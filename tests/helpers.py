@@ -53,11 +53,11 @@ def model_dir_with_tokenizer(path: Path, tokenizer_src, settings=None) -> Path:
     a coconut.json holding `settings`."""
     from mlx_lm.tokenizer_utils import load as load_tok
 
-    from mlx_coconut.data import special_ids
+    from mlx_coconut.data import add_latent_special_ids
 
     path.mkdir(parents=True)
     tok = load_tok(tokenizer_src)
-    special_ids(tok._tokenizer)  # adds the latent tokens to the tokenizer
+    add_latent_special_ids(tok._tokenizer)  # adds the latent tokens to the tokenizer
     write_model_dir(path, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
                     vocab_size=len(tok._tokenizer), tie_word_embeddings=True, max_position_embeddings=512)
     tok._tokenizer.save_pretrained(str(path))

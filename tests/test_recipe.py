@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 
 from mlx_coconut import checkpoint as ckpt
 from mlx_coconut import train
-from mlx_coconut.data import FormatConfig, Record, TextTokenizer, format_record, special_ids
+from mlx_coconut.data import FormatConfig, Record, TextTokenizer, format_record, add_latent_special_ids
 from mlx_coconut.errors import UserError
 from helpers import cfg, quiet, tiny_setup
 
@@ -156,7 +156,7 @@ def test_pad_latent_to_max_is_the_default():
     config, _ = train.resolve(train.TrainConfig(model=".", out="unused", stage=1))
     assert config.pad_latent_to_max is True
     tok = TextTokenizer()
-    ids = special_ids(tok, eos_id=0)
+    ids = add_latent_special_ids(tok, eos_id=0)
     one_step = Record("Q?", ["<<1+1=2>>"], "2")
     # stage 3, c=2: the eval prompt of a 1-step record gets the full 3*2 thoughts (official), not 1*2
     ex = format_record(one_step, tok, FormatConfig(mode="coconut", stage=3, c_thought=2), ids)

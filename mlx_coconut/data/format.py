@@ -81,7 +81,7 @@ class TokenizedRecord:
     answer: list    # "### " + answer, no special tokens, then EOS
 
 
-def special_ids(tokenizer, eos_id: Optional[int] = None) -> SpecialIds:
+def add_latent_special_ids(tokenizer, eos_id: Optional[int] = None) -> SpecialIds:
     """Ids of the three latent tokens (added to the tokenizer if missing) plus EOS.
 
     Tokenizer only (`tokens.add_latent_tokens` also grows the model; both add tokens the same way).

@@ -9,7 +9,7 @@ from collections import Counter
 
 from ..errors import UserError
 from ..tokens import LATENT_TOKENS
-from .format import FormatConfig, check_tokenization_invariant, decode, format_record, special_ids, tokenize_record
+from .format import FormatConfig, check_tokenization_invariant, decode, format_record, add_latent_special_ids, tokenize_record
 
 
 def step_distribution(records) -> dict:
@@ -85,7 +85,7 @@ def stats_report(records, tokenizer=None, c_thought: int = 2, index: int = 0,
     if rec.extra:
         lines.append("extra keys (kept): " + ", ".join(rec.extra))
     tok = tokenizer if tokenizer is not None else TextTokenizer()
-    ids = special_ids(tok)
+    ids = add_latent_special_ids(tok)
     views = [("stage 0 (CoT)", FormatConfig("cot")),
              ("stage 1, c=1", FormatConfig("coconut", stage=1, c_thought=1)),
              (f"stage 1, c={c_thought}", FormatConfig("coconut", stage=1, c_thought=c_thought))]
