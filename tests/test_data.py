@@ -44,13 +44,13 @@ def llama3(llama3_tokenizer_path):
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(llama3_tokenizer_path))
-    return tok, D.special_ids(tok, eos_id=LLAMA3_EOS)
+    return tok, D.add_latent_special_ids(tok, eos_id=LLAMA3_EOS)
 
 
 @pytest.fixture
 def text_tok():
     tok = D.TextTokenizer()
-    return tok, D.special_ids(tok)
+    return tok, D.add_latent_special_ids(tok)
 
 
 # ---------------------------------------------------------------- the seed example
