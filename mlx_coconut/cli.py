@@ -484,7 +484,7 @@ def quickstart(ctx, out_dir, budget, small, force):
                max_tokens=result["plan"].budget.max_tokens)
     click.echo(f"\n== what this shows\n{result['interpretation']}")
     click.echo(f"\nquickstart finished in {result['seconds'] / 60:.1f} min; report: "
-               f"{Path(out_dir) / 'report.md'}; every step: {Path(out_dir) / 'quickstart.json'}")
+               f"{result['report']}; every step: {result['record']}")
 
 
 @main.command()

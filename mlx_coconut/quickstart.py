@@ -42,14 +42,16 @@ class Budget:
     # flags of the COCONUT run (started with --init from the CoT run)
     latent_flags: tuple = ("--stage", "1", "--c-thought", "1", "--epochs", "1")
     max_tokens: int = 24         # new tokens per answer at eval
+    coconut_run: str = "coconut"  # its own name, so budgets that differ only here share the rest
     note: str = ""
 
 
 BUDGETS = {
     "default": Budget(train=400, valid=16, test=200, note="~20 minutes on a 2-core x86 CPU"),
-    "long": Budget(train=400, valid=32, test=200,
+    # the same data, CoT and no-CoT runs; three epochs at stage 1 (official: 3 epochs per stage)
+    "long": Budget(train=400, valid=16, test=200, coconut_run="coconut-3ep",
                    latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "3"),
-                   note="~40 minutes on a 2-core x86 CPU: three epochs at stage 1"),
+                   note="~35 minutes on a 2-core x86 CPU; ~20 after a default run in the same --out"),
     "small": Budget(train=8, valid=2, test=4, synth=("--min-steps", "1", "--max-steps", "2"),
                     max_tokens=12, note="CI smoke test: a few steps, ~1-3 minutes"),
 }
@@ -80,6 +82,14 @@ class Plan:
     steps: list = field(default_factory=list)
 
 
+def output(out: Path, budget_name: str, name: str) -> Path:
+    """OUT/results.json for the default budget, OUT/results-long.json for --budget long, ..."""
+    if budget_name == "default":
+        return out / name
+    stem, ext = name.rsplit(".", 1)
+    return out / f"{stem}-{budget_name}.{ext}"
+
+
 def make_plan(out: Path, budget_name: str, gguf: Path) -> Plan:
     """Every step of the quickstart as an `mlx-coconut` command line."""
     from .convert.save import default_dtype
@@ -94,7 +104,7 @@ def make_plan(out: Path, budget_name: str, gguf: Path) -> Plan:
         exclude = [] if split == "train" else ["--exclude", plan.data["train"]]  # held out
         plan.steps.append(Step(f"data {split}", ["data", "synth", "--n", n, "--seed", SEEDS[split],
                                                  *b.synth, *exclude, "--out", plan.data[split]]))
-    plan.runs = {name: out / "runs" / name for name in RUNS}
+    plan.runs = {name: out / "runs" / (b.coconut_run if name == "coconut" else name) for name in RUNS}
     common = ["--train", plan.data["train"], "--valid", plan.data["valid"], "--eval-samples", b.valid,
               "--max-new-tokens", b.max_tokens, "--save-every", 0, "--seed", 0]
     plan.steps.append(Step("train cot", ["train", "--model", plan.model, "--mode", "cot",
@@ -105,10 +115,10 @@ def make_plan(out: Path, budget_name: str, gguf: Path) -> Plan:
                                              *b.latent_flags, "--out", plan.runs["coconut"]]))
     models = [a for name in RUNS for a in ("--model", plan.runs[name])]
     plan.steps.append(Step("eval", ["eval", *models, "--data", plan.data["test"], "--max-tokens",
-                                    b.max_tokens, "--report", out / "report.md",
-                                    "--json", out / "results.json"]))
+                                    b.max_tokens, "--report", output(out, budget_name, "report.md"),
+                                    "--json", output(out, budget_name, "results.json")]))
     plan.steps.append(Step("plot", ["plot", *[plan.runs[n] for n in RUNS],
-                                    "--out", out / "curves.png"]))
+                                    "--out", output(out, budget_name, "curves.png")]))
     return plan
 
 
@@ -236,7 +246,7 @@ def run(out_dir, budget: str = "default", force: bool = False, invoke: Callable 
     log(f"quickstart ({budget}: {b.note}): SmolLM2-135M-Instruct, {b.train} synthetic training "
         f"problems, {b.test} held-out test questions; CoT, no-CoT and COCONUT runs -> {out}")
     execute(plan, invoke, log)
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads(output(out, budget, "results.json").read_text())
     text = interpret(results)
     seconds = time.perf_counter() - start
     record = {"budget": budget, "budget_flags": asdict(b), "seconds": round(seconds, 1),
@@ -245,7 +255,8 @@ def run(out_dir, budget: str = "default", force: bool = False, invoke: Callable 
               "steps": [{"label": s.label, "command": s.command, "seconds": round(s.seconds, 1),
                          "skipped": s.skipped} for s in plan.steps],
               "interpretation": text}
-    (out / "quickstart.json").write_text(json.dumps(record, indent=2))
+    output(out, budget, "quickstart.json").write_text(json.dumps(record, indent=2))
     return {"plan": plan, "results": results, "interpretation": text, "seconds": seconds,
-            "coconut": str(plan.runs["coconut"]),
+            "coconut": str(plan.runs["coconut"]), "report": str(output(out, budget, "report.md")),
+            "record": str(output(out, budget, "quickstart.json")),
             "question": results["models"][0]["examples"][0]["question"]}
