@@ -112,3 +112,39 @@ def cfg(tiny, out, **kw) -> train.TrainConfig:
 
 def quiet(*_):
     pass
+
+
+class FakeResponse:
+    """What urllib.request.urlopen returns, serving `body` (tests replace the network with it)."""
+
+    def __init__(self, body: bytes):
+        self.body, self.headers = body, {"Content-Length": str(len(body))}
+
+    def read(self, n):
+        chunk, self.body = self.body[:n], self.body[n:]
+        return chunk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        pass
+
+
+def run_cli(args):
+    """`mlx-coconut ARGS` in-process (click's test runner)."""
+    from click.testing import CliRunner
+
+    from mlx_coconut.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(res, *needles):
+    """Exit code 2 and a single `error: ...` line containing every needle, no traceback."""
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in lines[0], lines[0]

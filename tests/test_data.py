@@ -8,6 +8,8 @@ import urllib.request
 
 import numpy as np
 import pytest
+
+from helpers import FakeResponse, assert_one_line_error, run_cli
 from click.testing import CliRunner
 
 from mlx_coconut import data as D
@@ -292,17 +294,7 @@ def test_synth_difficulty_knobs_and_exclude():
 # ---------------------------------------------------------------- CLI
 
 
-def _run(args):
-    return CliRunner().invoke(main, args)
-
-
-def _one_line_error(res, *needles):
-    assert res.exit_code == 2, res.output
-    lines = [l for l in res.output.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
-    assert "Traceback" not in res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
+_run, _one_line_error = run_cli, assert_one_line_error
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -350,19 +342,7 @@ def test_download_offline_and_online(tmp_path, monkeypatch):
     res = _run(["data", "download", "gsm8k", "--out", str(tmp_path / "d")])
     _one_line_error(res, D.GSM8K_URLS["train"], "mlx-coconut data convert")
 
-    class Resp:
-        def __init__(self, body):
-            self.body, self.headers = body, {"Content-Length": str(len(body))}
-
-        def read(self, n):
-            chunk, self.body = self.body[:n], self.body[n:]
-            return chunk
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            pass
+    Resp = FakeResponse
 
     monkeypatch.setattr(urllib.request, "urlopen",
                         lambda url, timeout=None: Resp(b"q||<<2*3=6>> #### 6\nr||#### 1,000\n"))

@@ -17,19 +17,10 @@ from mlx_coconut import data as D
 from mlx_coconut.cli import main
 from mlx_coconut.evaluate import default_max_tokens
 
-from helpers import model_dir_with_tokenizer
+from helpers import FakeResponse, assert_one_line_error, run_cli, model_dir_with_tokenizer
 
 
-def _run(args):
-    return CliRunner().invoke(main, args)
-
-
-def _one_line_error(res, *needles):
-    assert res.exit_code == 2, res.output
-    lines = [l for l in res.output.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
+_run, _one_line_error = run_cli, assert_one_line_error
 
 
 def _pronto_example(i: int) -> dict:
@@ -103,19 +94,7 @@ def test_prontoqa_bad_source_and_no_source_are_one_line(tmp_path):
 # ---------------------------------------------------------------- downloads (network replaced)
 
 
-class _Resp:
-    def __init__(self, body: bytes):
-        self.body, self.headers = body, {"Content-Length": str(len(body))}
-
-    def read(self, n):
-        chunk, self.body = self.body[:n], self.body[n:]
-        return chunk
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        pass
+_Resp = FakeResponse
 
 
 def _offline(url, timeout=None):
