@@ -28,16 +28,17 @@ def test_quickstart_small(smollm2_gguf_path, tmp_path):
     assert "<|start-latent|>" in stdout and "  thought 1  norm " in stdout
     assert "quickstart finished in" in stdout
 
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads(quickstart.output(out, "small", "results.json").read_text())
+    assert quickstart.output(out, "small", "results.json").name == "results-small.json"
     assert results["n"] == 4
     assert [m["settings"]["mode"] for m in results["models"]] == ["cot", "no-cot", "coconut"]
     # the printed paragraph is the one computed from results.json
     paragraph = stdout.split("== what this shows\n")[1].split("\n")[0]
     assert paragraph == quickstart.interpret(results)
-    assert "| Stage 0 (no-CoT) |" in (out / "report.md").read_text()
+    assert "| Stage 0 (no-CoT) |" in quickstart.output(out, "small", "report.md").read_text()
 
     # quickstart.json: every step as a command line; rerunning one by hand gives the same file
-    record = json.loads((out / "quickstart.json").read_text())
+    record = json.loads(quickstart.output(out, "small", "quickstart.json").read_text())
     labels = [s["label"] for s in record["steps"]]
     assert labels[:7] == ["convert", "data train", "data valid", "data test", "train cot",
                           "train no-cot", "train coconut"] and "eval" in labels
