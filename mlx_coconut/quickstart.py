@@ -123,10 +123,11 @@ def make_plan(out: Path, budget_name: str, gguf: Path) -> Plan:
 
 
 def _run_state(run: Path):
+    from .checkpoint import read_run
+
     try:
-        state = json.loads((run / "coconut.json").read_text())
-        return state if state.get("checkpoint") else None
-    except (OSError, ValueError):
+        return read_run(run)
+    except (UserError, OSError, ValueError):
         return None
 
 

@@ -50,28 +50,23 @@ def vocab_rows(model) -> int:
     return model.model.embed_tokens.weight.shape[0]
 
 
+def _row_arrays(layer) -> list:
+    """Names of the per-row arrays of an Embedding / Linear (quantized: packed weight, scales, biases)."""
+    if isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
+        return ["weight", "scales"] + (["biases"] if layer.biases is not None else [])
+    return ["weight"]
+
+
 def _grow(layer, ids, src_id):
     """Rows `ids` of an Embedding / Linear / their quantized forms := row `src_id`, growing as needed.
-    Quantized layers quantize only the new rows (same bits and group size), so old rows stay
-    bit-identical and each new row equals the `<<` row exactly."""
-    quantized = isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear))
+    Quantized rows are copied as stored (same bits and group size), so old rows stay bit-identical and
+    each new row equals the `<<` row exactly."""
     rows = layer.weight.shape[0]
     n = max(rows, max(ids) + 1)
-    if quantized:
-        parts = [layer.weight, layer.scales] + ([layer.biases] if layer.biases is not None else [])
-        src = [p[src_id] for p in parts]
-        new = [mx.concatenate([p, mx.zeros((n - rows, *p.shape[1:]), p.dtype)]) for p in parts]
-        idx = mx.array(ids)
-        for i, p in enumerate(new):
-            p[idx] = mx.broadcast_to(src[i], (len(ids), *src[i].shape))
-        layer.weight, layer.scales = new[0], new[1]
-        if layer.biases is not None:
-            layer.biases = new[2]
-    else:
-        w = layer.weight
-        w = mx.concatenate([w, mx.zeros((n - rows, w.shape[1]), w.dtype)])
-        w[mx.array(ids)] = mx.broadcast_to(w[src_id], (len(ids), w.shape[1]))
-        layer.weight = w
+    for name in _row_arrays(layer):
+        p = getattr(layer, name)
+        setattr(layer, name, mx.concatenate([p, mx.zeros((n - rows, *p.shape[1:]), p.dtype)]))
+    _copy_row(layer, ids, src_id)
     if hasattr(layer, "num_embeddings"):
         layer.num_embeddings = n
     return n
@@ -128,12 +123,8 @@ def _copy_row(layer, ids, src_id):
         src = base_rows(layer.base, [src_id]).astype(layer.extra.dtype)
         layer.extra = mx.broadcast_to(src, layer.extra.shape)
         return
-    if isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
-        parts = ["weight", "scales"] + (["biases"] if layer.biases is not None else [])
-    else:
-        parts = ["weight"]
     idx = mx.array(ids)
-    for name in parts:
+    for name in _row_arrays(layer):
         p = mx.array(getattr(layer, name))
         p[idx] = mx.broadcast_to(p[src_id], (len(ids), *p.shape[1:]))
         setattr(layer, name, p)
