@@ -512,7 +512,7 @@ def entry():
     from .blas import ensure_fast_blas
 
     ensure_fast_blas()
-    main()
+    main(prog_name="mlx-coconut")  # the same name after the re-exec as `python -m`
 
 
 # ---------------------------------------------------------------- fuse / serve
