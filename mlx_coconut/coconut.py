@@ -30,9 +30,12 @@ def continuous_forward(model: Model, input_ids, latent_mask: np.ndarray, left_pa
     If `thoughts` is a list, the fed-back states [B, D] are appended to it (one per latent column)."""
     embeds = model.embed(mx.array(input_ids))  # numpy batches (data.collate) welcome
     T = embeds.shape[1]
-    if cache is None:
-        cache = model.make_cache(None if left_pad is None else mx.array(left_pad), step=T)
     latent_cols = np.flatnonzero(latent_mask.any(axis=0)).tolist() if feedback else []
+    left_pad = None if left_pad is None else mx.array(left_pad)
+    if cache is None and not latent_cols:  # one pass: attention over its own keys, no cache to fill
+        return model.hidden_states(input_embeddings=embeds, left_pad=left_pad)
+    if cache is None:
+        cache = model.make_cache(left_pad, step=T)
     bounds = [0] + latent_cols + [T]
     hidden, fed = [], None
     for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -47,43 +50,96 @@ def continuous_forward(model: Model, input_ids, latent_mask: np.ndarray, left_pa
     return mx.concatenate(hidden, axis=1) if len(hidden) > 1 else hidden[0]
 
 
-LOSS_CHUNK = 512  # positions (of the flattened B x T) per logits chunk in loss_fn
+@mx.custom_function
+def cross_entropy(logits, targets):
+    """Per-row cross-entropy of [N, V] logits against [N] targets, and the softmax (not meant to be
+    differentiated): one exp pass serves the loss and its gradient, where the generic logsumexp
+    forward and softmax backward exponentiate the vocabulary twice."""
+    m = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    e = mx.exp(logits - m)
+    s = e.sum(axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)
+    return (m + mx.log(s) - picked)[:, 0], e / s
+
+
+@cross_entropy.vjp
+def _cross_entropy_vjp(primals, cotangents, outputs):
+    logits, targets = primals
+    probs, g = outputs[1], cotangents[0]
+    onehot = mx.arange(logits.shape[-1]) == targets[:, None]
+    return (probs - onehot) * g[:, None], mx.zeros_like(targets)
+
+
+LOGITS_BUDGET = 512 * 2**20  # bytes of fp32 logits the loss head may hold at once
+LOSS_CHUNK = 512  # positions (of the flattened B x T) per recomputed logits chunk beyond that budget
+
+
+def head_chunk(positions: int, vocab: int) -> int:
+    """Positions per loss-head chunk: all of them when their fp32 logits fit LOGITS_BUDGET (no
+    recomputation), else LOSS_CHUNK."""
+    return positions if positions * vocab * 4 <= LOGITS_BUDGET else LOSS_CHUNK
 
 
 def loss_fn(model: Model, input_ids, labels, latent_mask: np.ndarray, left_pad=None,
-            feedback: bool = True, chunk: Optional[int] = None):
+            feedback: bool = True, chunk: Optional[int] = None, rows=None):
     """Mean cross-entropy over shifted labels != -100 → (loss, number of supervised tokens).
 
-    The output head runs `chunk` positions at a time, each chunk under `mx.checkpoint` (its logits
-    recomputed in the backward pass), so the [B, T, V] fp32 logits, softmax and logit gradient never
-    exist at once: at a 128k vocabulary they would take ~3.4 MB per token. `chunk` defaults to
-    LOSS_CHUNK."""
-    chunk = chunk or LOSS_CHUNK
+    `rows` (from `supervised_rows`) restricts the output head to the positions that carry a label:
+    the same loss and gradients for a fraction of the head's work (the question, the thoughts and
+    the padding are most of a batch).
+
+    When the [B, T, V] fp32 logits would pass LOGITS_BUDGET (at a 128k vocabulary they take ~0.5 MB
+    per token, three times over with the softmax and its gradient), the output head runs `chunk`
+    positions at a time, each chunk under `mx.checkpoint` (its logits recomputed in the backward pass),
+    so they never exist at once. `chunk` defaults to `head_chunk`."""
     hidden = continuous_forward(model, input_ids, latent_mask, left_pad, feedback=feedback)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = mx.array(labels)[:, 1:].reshape(-1)
+    if rows is not None:  # the head (matmul and softmax over the vocabulary) only where it counts
+        hidden, targets = hidden[rows], targets[rows]
     valid = targets != IGNORE
     targets = mx.where(valid, targets, 0)
+    ntoks = valid.sum()
+    n = hidden.shape[0]
+    chunk = chunk or head_chunk(n, model.args.vocab_size)
+
+    def ce(h, t, v):
+        return (cross_entropy(model.logits(h).astype(mx.float32), t)[0] * v).sum()
+
+    if chunk >= n:
+        return ce(hidden, targets, valid) / mx.maximum(ntoks, 1), ntoks
     head = model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
 
     def chunk_ce(lo):  # the head's parameters are inputs, so their gradients flow; labels constant
         t, v = targets[lo:lo + chunk], valid[lo:lo + chunk]
 
-        def ce(params, h):
+        def checkpointed(params, h):
             head.update(params)
-            return (nn.losses.cross_entropy(model.logits(h).astype(mx.float32), t) * v).sum()
-        return mx.checkpoint(ce)(head.trainable_parameters(), hidden[lo:lo + chunk])
+            return ce(h, t, v)
+        return mx.checkpoint(checkpointed)(head.trainable_parameters(), hidden[lo:lo + chunk])
 
-    total = sum(chunk_ce(lo) for lo in range(0, hidden.shape[0], chunk))
-    ntoks = valid.sum()
+    total = sum(chunk_ce(lo) for lo in range(0, n, chunk))
     return total / mx.maximum(ntoks, 1), ntoks
+
+
+ROWS_BUCKET = 64  # supervised_rows pads its count to a multiple of this (fewer compiled shapes)
+
+
+def supervised_rows(labels: np.ndarray, bucket: int = ROWS_BUCKET) -> mx.array:
+    """Indices into loss_fn's flattened B x (T-1) shifted positions of those with a label, padded to
+    a multiple of `bucket` with an unlabelled position (it adds nothing to the loss) when there is one."""
+    shifted = np.asarray(labels)[:, 1:].reshape(-1)
+    rows, free = np.flatnonzero(shifted != IGNORE), np.flatnonzero(shifted == IGNORE)
+    if free.size:
+        rows = np.concatenate([rows, np.full(-len(rows) % bucket, free[0])])
+    return mx.array(rows.astype(np.int32))
 
 
 def collated_loss(model: Model, batch: dict, feedback: bool = True):
     """`loss_fn` of a `data.make_batch` dict (numpy arrays) → (loss, number of supervised tokens)."""
     lp = batch["left_pad"]
     return loss_fn(model, mx.array(batch["input_ids"]), mx.array(batch["labels"]), batch["latent_mask"],
-                   mx.array(lp) if lp.any() else None, feedback)
+                   mx.array(lp) if lp.any() else None, feedback, rows=supervised_rows(batch["labels"]))
 
 
 @dataclass

@@ -33,7 +33,7 @@ from mlx.utils import tree_map
 
 from . import adapters, checkpoint as ckpt
 from . import distributed
-from .coconut import collated_loss, loss_fn
+from .coconut import collated_loss, loss_fn, supervised_rows
 from .data import MAX_C_THOUGHT, FormatConfig, MODES, SpecialIds, format_record, load_records, make_batch
 from .errors import UserError
 from .evaluate import evaluate, evaluate_sharded
@@ -441,8 +441,9 @@ class Stepper:
 
     The latent loop reads the latent columns on the host and bakes them into the graph as Python
     slices (and which rows hold a thought as constants), so a compiled trace is only valid for one
-    latent layout: the cache key is (shape, latent columns, rows with thoughts). `make_batch` buckets
-    T and the first latent column so the keys repeat; past `max_traces` keys batches run eagerly
+    latent layout: the cache key is (shape, number of labelled positions, latent columns, rows with
+    thoughts). `make_batch` buckets T and the first latent column, `supervised_rows` the labelled
+    positions, so the keys repeat; past `max_traces` keys batches run eagerly
     (mx.compile keeps every trace)."""
 
     def __init__(self, model, feedback: bool, use_compile: bool, max_traces: int = 64):
@@ -455,13 +456,13 @@ class Stepper:
         model, vg, fb = self.model, self.value_and_grad, self.feedback
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)  # value_and_grad re-binds params
-        def step(x, y, left_pad):
-            (loss, ntoks), grads = vg(model, x, y, latent, left_pad, fb)
+        def step(x, y, left_pad, rows):
+            (loss, ntoks), grads = vg(model, x, y, latent, left_pad, fb, rows=rows)
             return loss, ntoks, grads
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
-        def plain(x, y):  # no left padding: the fused causal mask
-            (loss, ntoks), grads = vg(model, x, y, latent, None, fb)
+        def plain(x, y, rows):  # no left padding: the fused causal mask
+            (loss, ntoks), grads = vg(model, x, y, latent, None, fb, rows=rows)
             return loss, ntoks, grads
 
         return step, plain
@@ -473,14 +474,16 @@ class Stepper:
             latent = np.zeros_like(latent)
         cols = np.flatnonzero(latent.any(axis=0))
         left_pad = mx.array(lp) if lp.any() else None
+        rows = supervised_rows(batch["labels"])
         if self.use_compile:
-            key = (x.shape, tuple(cols.tolist()), latent[:, cols].tobytes())
+            key = (x.shape, rows.shape, tuple(cols.tolist()), latent[:, cols].tobytes())
             fns = self.traces.get(key)
             if fns is None and len(self.traces) < self.max_traces:
                 fns = self.traces[key] = self._compile(latent.copy())
             if fns is not None:
-                return fns[0](x, y, left_pad) if left_pad is not None else fns[1](x, y)
-        (loss, ntoks), grads = self.value_and_grad(self.model, x, y, latent, left_pad, self.feedback)
+                return fns[0](x, y, left_pad, rows) if left_pad is not None else fns[1](x, y, rows)
+        (loss, ntoks), grads = self.value_and_grad(self.model, x, y, latent, left_pad, self.feedback,
+                                                   rows=rows)
         return loss, ntoks, grads
 
 
@@ -687,7 +690,7 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
                                    Progress(steps_per_epoch * cfg.epochs, "", done=step))
         done = train_loop(model, optimizer, epochs, make_step_fn(model, special, cfg, dist), callbacks,
                           cfg.grad_accumulation_steps, all_sum_reducer(dist) if dist.enabled else None,
-                          start_step=step)
+                          start_step=step, compile_update=cfg.compile)
     result = {"out": str(out), "steps": done["step"], "losses": done["losses"],
               "interrupted": done["interrupted"]}
     if not done["interrupted"] and cfg.epochs > start_epoch:

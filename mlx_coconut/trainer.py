@@ -49,24 +49,47 @@ class Callbacks:
 
 class _Accumulator:
     """Micro-batches of one optimizer step, weighted by their supervised tokens: the summed gradient
-    divided by the token count is the gradient of the whole batch, not a mean of per-batch means."""
+    divided by the token count is the gradient of the whole batch, not a mean of per-batch means.
+    The sum is kept as `grads * weight`, so a step of one micro-batch does no arithmetic on it."""
 
     def __init__(self):
-        self.grads, self.loss, self.n, self.supervised, self.tokens = None, 0.0, 0, 0, 0
+        self.grads, self.weight, self.loss, self.n, self.supervised, self.tokens = None, 0, 0.0, 0, 0, 0
         self.t0 = time.perf_counter()
 
     def add(self, loss, grads, supervised: int, tokens: int):
-        loss, grads = loss * supervised, tree_map(lambda v: v * supervised, grads)
-        self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
+        if self.grads is None:
+            self.grads, self.weight = grads, supervised
+        else:
+            w = self.weight
+            self.grads = tree_map(lambda a, b: a * w + b * supervised, self.grads, grads)
+            self.weight = 1
+        loss = loss * supervised
         mx.eval(loss, self.grads)
         self.loss += loss
         self.n += 1
         self.supervised += supervised
         self.tokens += tokens
 
+    def scale(self) -> float:
+        """What the sum as kept is multiplied by to give the token-weighted mean gradient."""
+        return self.weight / max(self.supervised, 1)
+
+
+def make_update(model, optimizer, use_compile: bool):
+    """`update(grads, scale)`: one optimizer step on `grads * scale`, compiled with the model's and the
+    optimizer's state as mlx-lm's trainer compiles its step (the optimizer's elementwise math fused)."""
+    def update(grads, scale):
+        optimizer.update(model, tree_map(lambda g: g * scale, grads))
+
+    if not use_compile:
+        return lambda grads, scale: optimizer.update(model, grads) if scale == 1.0 else update(grads, scale)
+    state = [model.state, optimizer.state]
+    compiled = mx.compile(update, inputs=state, outputs=state)
+    return lambda grads, scale: compiled(grads, mx.array(scale, mx.float32))
+
 
 def train_loop(model, optimizer, epochs, step_fn, callbacks: Callbacks, accum: int = 1, reduce=None,
-               start_step: int = 0) -> dict:
+               start_step: int = 0, compile_update: bool = False) -> dict:
     """mlx-lm's trainer shape. For each (epoch, micro-batches, first index) of `epochs`: run
     `step_fn(examples, epoch, index)` → (loss, grads, supervised tokens, tokens) on each micro-batch,
     sum `accum` of them, `reduce(grads, loss, stop, step)` the sums across ranks (None: one process),
@@ -75,6 +98,7 @@ def train_loop(model, optimizer, epochs, step_fn, callbacks: Callbacks, accum: i
     step, losses = start_step, []
     for epoch, batches, first in epochs:
         optimizer = callbacks.begin_epoch(epoch, first, optimizer)
+        update = make_update(model, optimizer, compile_update)  # a new optimizer: a new compiled update
         acc = _Accumulator()
         for bi in range(first, len(batches)):
             acc.add(*step_fn(batches[bi], epoch, bi))
@@ -83,7 +107,7 @@ def train_loop(model, optimizer, epochs, step_fn, callbacks: Callbacks, accum: i
             grads, loss, stop = acc.grads, acc.loss, callbacks.stop_requested()
             if reduce is not None:
                 grads, loss, stop = reduce(grads, loss, stop, step + 1)
-            optimizer.update(model, tree_map(lambda v: v / max(acc.supervised, 1), grads))
+            update(grads, acc.scale())
             mx.eval(model.trainable_parameters(), optimizer.state)
             step += 1
             report = StepReport(step, epoch, bi + 1, len(batches), (loss / max(acc.supervised, 1)).item(),

@@ -2,10 +2,12 @@
 
 Same GSM8k records, formatted by the product (`data.format_record`, `data.collate`) at stage 0 (CoT),
 stage 1 with c=1 (one thought) and stage 3 with c=2 (six thoughts); one fwd+bwd step each
-(`nn.value_and_grad` over `coconut.loss_fn`, full-weight gradients, evaluated), alternating the three
+(`nn.value_and_grad` over `coconut.loss_fn` with the product's `supervised_rows`, full-weight
+gradients, evaluated), alternating the three
 for --repeats rounds. Time is compared per supervised token (the latent stages supervise fewer tokens:
 the removed steps). Also: the inference cost of one continuous thought (a cached forward of one
-fed-back column, no output head) vs one decoded token (a cached forward + head + argmax).
+fed-back column, no output head) vs one decoded token (a cached forward + head + argmax), at bs=1
+and batched (--gen-batch), as thoughts/s vs decode tokens/s.
 Note: stage 1 drops the first reasoning step from the labels, so "per supervised token" also counts
 the curriculum's smaller supervision; "per input token" (non-pad columns, thoughts included) isolates
 the cost of the latent loop itself. Both are printed. `--pool N` also counts computed columns over N
@@ -31,11 +33,17 @@ GOAL = 1.15
 STAGES = {"stage 0": (0, 1), "stage 1 (c=1)": (1, 1), "stage 3 (c=2)": (3, 2)}
 
 
-def thought_vs_token(model, prompt_ids, n=16, repeats=5):
-    """Median ms of one thought and one decoded token at bs=1, KV-cached, after the same prompt."""
+def thought_vs_token(model, prompts, n=16, repeats=5):
+    """Median ms of one thought column and one decoded token column for a batch of prompts,
+    left-padded and KV-cached as `coconut.generate` runs them (no mask when no row is padded)."""
+    from mlx_coconut.data import collate_prompts
+
+    batch = collate_prompts(prompts, 0)
+    x, lp = mx.array(batch["input_ids"]), batch["left_pad"]
+
     def fresh():
-        cache = model.make_cache(mx.array([0]), step=len(prompt_ids) + n + 8)
-        h = model.hidden_states(mx.array([prompt_ids]), cache)
+        cache = model.make_cache(mx.array(lp) if lp.any() else None, step=x.shape[1] + n + 8)
+        h = model.hidden_states(x, cache)
         mx.eval(h)
         return cache, h
 
@@ -52,9 +60,9 @@ def thought_vs_token(model, prompt_ids, n=16, repeats=5):
         tok = mx.argmax(model.logits(h[:, -1]), axis=-1)
         mx.eval(tok)
         t = time.perf_counter()
-        for _ in range(n):  # as in generate(): each token is needed on the host (EOS check)
+        for _ in range(n):  # as in generate(): each step's tokens are needed on the host (EOS check)
             tok = mx.argmax(model.logits(model.hidden_states(tok[:, None], cache)[:, -1]), axis=-1)
-            tok.item()
+            tok.tolist()
         return (time.perf_counter() - t) / n
 
     runs = bc.alternate({"thought": thoughts, "token": tokens}, repeats, log=False)
@@ -69,13 +77,15 @@ def main(argv=None):
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="LoRA of this rank on every projection (the product's adapters.apply_lora) "
                    "instead of full-weight gradients")
+    p.add_argument("--gen-batch", type=int, default=8, metavar="B",
+                   help="batch size of the thoughts-vs-decode comparison (also run at bs=1)")
     p.add_argument("--pool", type=int, default=128, metavar="N",
                    help="also count computed columns over N records batched as train.py does "
                    "(stage 1 grouped by latent start) vs a plain shuffled split (0: skip)")
     args = p.parse_args(argv)
 
     from mlx_coconut.checkpoint import load_tokenizer
-    from mlx_coconut.coconut import loss_fn
+    from mlx_coconut.coconut import loss_fn, supervised_rows
     from mlx_coconut.data import FormatConfig, collate, format_record, add_latent_special_ids
     from mlx_coconut.model import load_model
     from mlx_coconut.tokens import add_latent_tokens
@@ -101,7 +111,8 @@ def main(argv=None):
         latent = b["input_ids"] == ids.latent
         lp = b["left_pad"]
         batches[name] = (mx.array(b["input_ids"]), mx.array(b["labels"]), latent,
-                         mx.array(lp) if lp.any() else None, int(b["lengths"].sum()))
+                         mx.array(lp) if lp.any() else None, int(b["lengths"].sum()),
+                         supervised_rows(b["labels"]))
         n_sup = int((b["labels"][:, 1:] != -100).sum())
         print(f"{name}: batch {b['input_ids'].shape[0]} x {b['input_ids'].shape[1]} columns, "
               f"{int(latent.sum())} thoughts in {int(latent.any(0).sum())} latent columns "
@@ -112,11 +123,11 @@ def main(argv=None):
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
     def step(name):
-        x, y, latent, left_pad, n_real = batches[name]
+        x, y, latent, left_pad, n_real, rows = batches[name]
 
         def f():
             t = time.perf_counter()
-            (loss, ntoks), grads = value_and_grad(model, x, y, latent, left_pad, True)
+            (loss, ntoks), grads = value_and_grad(model, x, y, latent, left_pad, True, rows=rows)
             mx.eval(loss, ntoks, grads)
             dt = time.perf_counter() - t
             return {"s": dt, "ms_per_tok": dt * 1e3 / ntoks.item(), "ms_per_col": dt * 1e3 / n_real,
@@ -137,10 +148,18 @@ def main(argv=None):
     r1 = bc.paired_ratio(runs["stage 1 (c=1)"], runs[base], "ms_per_tok")
     r1c = bc.paired_ratio(runs["stage 1 (c=1)"], runs[base], "ms_per_col")
 
-    prompt = format_record(records[0], tokenizer, FormatConfig(mode="cot"), ids).prompt_ids
-    ms, tr = thought_vs_token(model, prompt)
-    print(f"inference, bs=1, KV cache: one thought {ms['thought']:.2f} ms, one decoded token "
-          f"{ms['token']:.2f} ms -> thought/token = {tr:.2f}")
+    cot = FormatConfig(mode="cot")
+    gen_records = bc.read_gsm8k(args.gen_batch, split="test")
+    ratios = {}
+    for bs in sorted({1, args.gen_batch}):
+        prompts = [format_record(r, tokenizer, cot, ids).prompt_ids for r in gen_records[:bs]]
+        ms, tr = thought_vs_token(model, prompts)
+        ratios[bs] = tr
+        print(f"inference, bs={bs}, KV cache: one thought column {ms['thought']:.2f} ms, one decoded "
+              f"token column {ms['token']:.2f} ms -> thoughts/s {bs * 1e3 / ms['thought']:.1f} vs "
+              f"decode tokens/s {bs * 1e3 / ms['token']:.1f}: RATIO thoughts/decode per second = "
+              f"{1 / tr:.2f} (goal >= 1.0: {bc.verdict(tr <= 1.0)})")
+    tr = ratios[args.gen_batch]
     print(f"RATIO stage-1/stage-0 time per supervised token = {r1:.3f} (goal <= {GOAL}: "
           f"{bc.verdict(r1 <= GOAL)}); per input token {r1c:.3f}")
     r1col = bc.paired_ratio(runs["stage 1 (c=1)"], runs[base], "ms_per_padcol")

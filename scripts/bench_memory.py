@@ -102,7 +102,9 @@ def worker(a):
         print(json.dumps({"layers": a.layers, "base": a.base, "weights_bytes": weights,
                           "trainable": trainable, "peak_bytes": mx.get_peak_memory()}))
         return
-    coconut.LOSS_CHUNK = a.loss_chunk
+    # The target shape (8 x 256 positions at a 128k vocabulary) is past the product's LOGITS_BUDGET,
+    # so its head runs in chunks; the small measured shapes are chunked the same way.
+    coconut.LOGITS_BUDGET, coconut.LOSS_CHUNK = 0, a.loss_chunk
     if a.checkpoint == "product":
         enable_grad_checkpoint(model)  # the product's: whole blocks recomputed
     model.train()
@@ -157,8 +159,8 @@ def main(argv=None):
                    help="gradient checkpointing: product = train.enable_grad_checkpoint (whole "
                    "blocks recomputed), none")
     p.add_argument("--loss-chunk", type=int, default=None,
-                   help="positions per checkpointed head chunk in coconut.loss_fn (default: the "
-                   "product's LOSS_CHUNK); a per-token extrapolation is only valid from token counts "
+                   help="positions per checkpointed head chunk in coconut.loss_fn, chunked at every "
+                   "measured shape as at the target one (default: the product's LOSS_CHUNK); a per-token extrapolation is only valid from token counts "
                    "of at least one chunk (below, the whole head is one chunk and grows per token)")
     p.add_argument("--qlora-from-bf16", action="store_true",
                    help="QLoRA: build the 4-bit model (weights measured) but take activations and "

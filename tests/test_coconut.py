@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_coconut.coconut import IGNORE, continuous_forward, generate, loss_fn
+from mlx_coconut.coconut import (IGNORE, continuous_forward, cross_entropy, generate, loss_fn,
+                                 supervised_rows)
 from mlx_coconut.data import Example, collate as data_collate
 from mlx_coconut.model import load_model
 from helpers import LLAMA31_TINY, random_model
@@ -151,6 +152,79 @@ def test_chunked_loss_equals_unchunked(variant):
     assert tree_rel_diff(g_big, g_small) < RTOL
     head = "model.embed_tokens" if variant == "tied" else "lm_head"
     assert any(k.startswith(head) and float(mx.abs(g).max()) > 0 for k, g in g_small.items())
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_one_pass_cross_entropy_equals_mlx_cross_entropy(compiled):
+    """coconut.cross_entropy (softmax kept for its gradient) = nn.losses.cross_entropy, value and
+    gradient, including large logits (the max is subtracted before exp)."""
+    rng = np.random.default_rng(8)
+    logits = mx.array((rng.standard_normal((6, 50)) * np.array([[1], [5], [30], [1], [80], [2]]))
+                      .astype(np.float32))
+    targets = mx.array(rng.integers(0, 50, 6).astype(np.int32))
+    weights = mx.array(rng.random(6).astype(np.float32))  # a weighted sum, as loss_fn's valid mask
+
+    def ours(x):
+        return (cross_entropy(x, targets)[0] * weights).sum()
+
+    def reference(x):
+        return (nn.losses.cross_entropy(x, targets) * weights).sum()
+
+    f_ours, f_ref = mx.value_and_grad(ours), mx.value_and_grad(reference)
+    if compiled:
+        f_ours = mx.compile(f_ours)
+    (v_ours, g_ours), (v_ref, g_ref) = f_ours(logits), f_ref(logits)
+    assert np.isfinite(float(v_ours))
+    assert rel_diff(v_ours, v_ref) < RTOL
+    assert rel_diff(g_ours, g_ref) < RTOL
+    assert float(mx.abs(g_ref).max()) > 0.1   # a gradient worth comparing
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied", "lora"])
+def test_head_on_labelled_rows_only_equals_full_head(variant):
+    """loss_fn with `rows` (the head only where a label is, padded with an unlabelled position) gives
+    the loss and every gradient of the head over all positions."""
+    from mlx_coconut import adapters
+    model = tiny_model(seed=6, tie_word_embeddings=variant == "tied")
+    if variant == "lora":
+        adapters.apply_lora(model, {"rank": 4, "scale": 20.0, "dropout": 0.0, "layers": 0,
+                                "quantization": None}, (START, LATENT, END))
+        mx.eval(model.parameters())
+    rng = np.random.default_rng(6)
+    ids, labels, left_pad = collate([make_example(5, 2, 7, rng)[:2], make_example(9, 2, 4, rng)[:2]])
+    latent_mask = ids == LATENT
+    rows = supervised_rows(labels, bucket=16)
+    n_labelled = int((labels[:, 1:] != IGNORE).sum())
+    assert rows.size == 16 and n_labelled < 16 < labels[:, 1:].size   # padded, and fewer than all
+
+    def loss(m, rows):
+        return loss_fn(m, mx.array(ids), mx.array(labels), latent_mask, left_pad, rows=rows)
+
+    (l_all, n_all), g_all = nn.value_and_grad(model, lambda m: loss(m, None))(model)
+    (l_rows, n_rows), g_rows = nn.value_and_grad(model, lambda m: loss(m, rows))(model)
+    g_all, g_rows = dict(tree_flatten(g_all)), dict(tree_flatten(g_rows))
+    assert int(n_all) == int(n_rows) == n_labelled
+    assert rel_diff(l_all, l_rows) < RTOL
+    assert tree_rel_diff(g_all, g_rows) < RTOL
+    # the test can fail: dropping one labelled row changes the loss
+    (l_short, _), _ = nn.value_and_grad(model, lambda m: loss(m, rows[1:]))(model)
+    assert rel_diff(l_short, l_all) > 100 * RTOL
+
+
+def test_one_pass_without_cache_equals_cached_pass():
+    """A batch without thoughts runs one pass with no KV cache; left padding is still masked and
+    positions still start at each row's first real token."""
+    model = tiny_model(seed=7)
+    rng = np.random.default_rng(7)
+    left_pad = np.array([4, 0])
+    ids = rng.integers(1, 90, (2, 12)).astype(np.int32)
+    ids[0, :4] = PAD
+    no_latents = np.zeros(ids.shape, bool)
+    uncached = continuous_forward(model, mx.array(ids), no_latents, mx.array(left_pad))
+    cached = continuous_forward(model, mx.array(ids), no_latents, mx.array(left_pad),
+                                cache=model.make_cache(mx.array(left_pad)))
+    real = mx.array(np.arange(ids.shape[1])[None] >= left_pad[:, None])[..., None]
+    assert rel_diff(mx.where(real, uncached, 0), mx.where(real, cached, 0)) < RTOL
 
 
 def test_matches_naive_reference_on_smollm2(smollm2):
