@@ -158,8 +158,11 @@ class TorchSide:
 
 
 def has_torch(python: str) -> bool:
-    code = "import torch, transformers"
-    return subprocess.run([python, "-c", code], capture_output=True).returncode == 0
+    try:
+        return subprocess.run([python, "-c", "import torch, transformers"],
+                              capture_output=True).returncode == 0
+    except OSError:  # no such interpreter
+        return False
 
 
 def gsm8k_batches(path, batch_size: int, skip: int = 0, stages=STAGES):
