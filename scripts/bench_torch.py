@@ -41,7 +41,7 @@ def torch_worker(model_dir: str, threads: int):
     torch.set_num_threads(threads)
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.train()  # as the official training loop (Llama has no dropout by default)
-    batches, latent_id = {}, None
+    batches, latent_id, per_position = {}, None, False
     reply = sys.stdout
     sys.stdout = sys.stderr  # nothing but replies on the pipe
 
@@ -49,7 +49,7 @@ def torch_worker(model_dir: str, threads: int):
         input_ids, labels, attn, pos = batches[name]
         model.zero_grad(set_to_none=True)
         t = time.perf_counter()
-        loss = coconut_loss_torch(model, input_ids, labels, attn, pos, latent_id)
+        loss = coconut_loss_torch(model, input_ids, labels, attn, pos, latent_id, per_position)
         loss.backward()
         dt = time.perf_counter() - t
         gnorm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()
@@ -59,7 +59,7 @@ def torch_worker(model_dir: str, threads: int):
     for line in sys.stdin:
         req = json.loads(line)
         if req["cmd"] == "setup":
-            latent_id = req["latent_id"]
+            latent_id, per_position = req["latent_id"], req["per_position"]
             emb = model.get_input_embeddings()
             if req["vocab_rows"] != emb.weight.shape[0]:
                 model.resize_token_embeddings(req["vocab_rows"], mean_resizing=False)
@@ -84,9 +84,10 @@ def torch_worker(model_dir: str, threads: int):
         reply.flush()
 
 
-def coconut_loss_torch(model, input_ids, labels, attn, pos, latent_id):
+def coconut_loss_torch(model, input_ids, labels, attn, pos, latent_id, per_position=False):
     """The official COCONUT training forward (facebookresearch/coconut `Coconut.forward`), written
-    with whole-column updates instead of its per-position Python lists."""
+    with whole-column updates; `per_position` rebuilds the embeddings from a Python list of B x T
+    row tensors after each pass, as the official code does (same values, more autograd nodes)."""
     import torch
 
     embeds = model.get_input_embeddings()(input_ids)
@@ -101,8 +102,17 @@ def coconut_loss_torch(model, input_ids, labels, attn, pos, latent_id):
                     output_hidden_states=True)
         logits.append(out.logits)
         cache = out.past_key_values
-        if hi < T:  # column hi is latent: rows with a thought there take the last hidden state
-            fed = torch.where(latent[:, hi, None], out.hidden_states[-1][:, -1], embeds[:, hi])
+        if hi >= T:
+            continue
+        h = out.hidden_states[-1][:, -1]  # column hi is latent: rows with a thought take h
+        if per_position:
+            rows = [[embeds[b, t] for t in range(T)] for b in range(len(embeds))]
+            for b in range(len(embeds)):
+                if latent[b, hi]:
+                    rows[b][hi] = h[b]
+            embeds = torch.stack([torch.stack(r) for r in rows])
+        else:
+            fed = torch.where(latent[:, hi, None], h, embeds[:, hi])
             embeds = torch.cat([embeds[:, :hi], fed[:, None], embeds[:, hi + 1:]], dim=1)
     logits = torch.cat(logits, dim=1)
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -198,6 +208,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads of the torch side")
     p.add_argument("--batch-size", type=int, default=8, help="GSM8k records in the batch")
     p.add_argument("--skip", type=int, default=0, help="start at this GSM8k record")
+    p.add_argument("--official-fill", action="store_true",
+                   help="torch side: rebuild the embeddings per position after each pass, as the "
+                   "official code does (default: one whole-column update)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one torch step per stage (torch.profiler, per op group)")
     p.add_argument("--ours-only", type=int, default=0, metavar="N",
@@ -249,11 +262,14 @@ def main(argv=None):
 
     torch_side = TorchSide(python, path, args.threads)
     emb = model.model.embed_tokens.weight
-    info = torch_side("setup", latent_id=ids.latent, vocab_rows=vocab_rows(model),
+    info = torch_side("setup", latent_id=ids.latent, per_position=args.official_fill,
+                      vocab_rows=vocab_rows(model),
                       rows={str(i): emb[i].tolist() for i in new_ids},
                       batches={n: {k: b[k].tolist() for k in ("input_ids", "labels", "left_pad")}
                                for n, b in batches.items()})
-    print(f"torch side: torch {info['torch']}, {info['threads']} threads, fp32, {python}")
+    fill = "per-position lists (official)" if args.official_fill else "whole-column update"
+    print(f"torch side: torch {info['torch']}, {info['threads']} threads, fp32, latent fill: {fill}, "
+          f"{python}")
 
     fns = {}
     for name in STAGES:

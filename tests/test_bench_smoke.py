@@ -70,7 +70,8 @@ def test_bench_torch_ours_side(tiny_dir, shared_data, capsys):
     assert "perf window --time" in capsys.readouterr().out
 
 
-def test_bench_torch(tiny_dir, shared_data):
+@pytest.mark.parametrize("fill", [[], ["--official-fill"]], ids=["column", "per-position"])
+def test_bench_torch(tiny_dir, shared_data, fill):
     """Both sides, with a Python that has torch + transformers (MLX_COCONUT_TORCH_PYTHON, else this
     one); skipped when there is none (torch is not a dependency; CI has none)."""
     import bench_torch
@@ -78,7 +79,7 @@ def test_bench_torch(tiny_dir, shared_data):
     if not bench_torch.has_torch(python):
         pytest.skip(f"{python} cannot import torch and transformers")
     r = run("bench_torch", "--model", tiny_dir, "--repeats", 1, "--batch-size", 2,
-            "--torch-python", python, "--profile")
+            "--torch-python", python, "--profile", *fill)
     for stage in bench_torch.STAGES:  # same loss and gradients on both sides, fp32
         assert r[stage]["ratio"] > 0
         assert r[stage]["loss_rel"] < bench_torch.LOSS_RTOL and r[stage]["grad_rel"] < 1e-3
