@@ -504,7 +504,7 @@ def info():
     click.echo(f"device: {mx.default_device()}")
     if sys.platform == "linux":
         state = "preloaded" if blas.preloaded() else "NOT preloaded"
-        click.echo(f"OpenBLAS: {state} (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r})")
+        click.echo(f"fast BLAS: {state} (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r})")
 
 
 def entry():

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -61,3 +62,37 @@ def test_bench_memory(capsys):
             "--shape", shape)
     assert r["bf16"] > 0 and r["qlora"] > 0
     assert "RESULT QLoRA" in capsys.readouterr().out
+
+
+def test_bench_torch_ours_side(tiny_dir, shared_data, capsys):
+    """The MLX half alone (no torch needed): the steps `perf record` profiles."""
+    run("bench_torch", "--model", tiny_dir, "--batch-size", 2, "--ours-only", 1)
+    assert "perf window --time" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fill", [[], ["--official-fill"]], ids=["column", "per-position"])
+def test_bench_torch(tiny_dir, shared_data, fill):
+    """Both sides, with a Python that has torch + transformers (MLX_COCONUT_TORCH_PYTHON, else this
+    one); skipped when there is none (torch is not a dependency; CI has none)."""
+    import bench_torch
+    python = os.environ.get("MLX_COCONUT_TORCH_PYTHON", sys.executable)
+    if not bench_torch.has_torch(python):
+        pytest.skip(f"{python} cannot import torch and transformers")
+    r = run("bench_torch", "--model", tiny_dir, "--repeats", 1, "--batch-size", 2,
+            "--torch-python", python, "--profile", *fill)
+    for stage in bench_torch.STAGES:  # same loss and gradients on both sides, fp32
+        assert r[stage]["ratio"] > 0
+        assert r[stage]["loss_rel"] < bench_torch.LOSS_RTOL and r[stage]["grad_rel"] < 1e-3
+
+
+def test_bench_blas(tiny_dir, shared_data):
+    from mlx_coconut import blas
+    shape = "x@W.T  1280x576x576"
+    libs = ["--lib", "reference="]
+    if blas.find_openblas():
+        libs += ["--lib", f"openblas={blas.find_openblas()}"]
+    r = run("bench_blas", "--model", tiny_dir, "--repeats", 1, "--batch-size", 2, "--shapes", shape,
+            "--reference-shapes", shape, *libs)
+    assert r["reference"][shape] > 0
+    if blas.find_openblas():
+        assert r["openblas"]["step"] > 0
