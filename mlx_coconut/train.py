@@ -47,13 +47,15 @@ POOL_BATCHES = 16  # latent stages: batches grouped by latent start within pools
 # ---------------------------------------------------------------- entry point
 
 
-def run(config: TrainConfig, log=print) -> dict:
-    """Train one stage, or a curriculum of stages (`config.stages`). Returns a summary dict."""
+def run(config: TrainConfig, log=print, started: Optional[float] = None) -> dict:
+    """Train one stage, or a curriculum of stages (`config.stages`). Returns a summary dict.
+    `started`: the `time.perf_counter()` of the process start (the CLI's), so that the first
+    stage's "first step done" line counts the imports; None counts from the stage's start."""
     if not distributed.setup().main:
         log = _quiet  # under `mlx.launch` rank 0 alone prints
     if config.stages:
-        return run_curriculum(config, log)
-    return train_stage(config, log)
+        return run_curriculum(config, log, started)
+    return train_stage(config, log, started)
 
 
 def parse_stages(text: str) -> list:
@@ -70,7 +72,7 @@ def parse_stages(text: str) -> list:
     return stages
 
 
-def run_curriculum(config: TrainConfig, log=print) -> dict:
+def run_curriculum(config: TrainConfig, log=print, started: Optional[float] = None) -> dict:
     """Official schedule: stage s for `epochs_per_stage` epochs, optimizer reset at each stage.
     With both `epochs_per_stage` and `epochs` (the official `num_epochs`: the whole schedule), the
     last stage runs the remaining epochs, as the official loop keeps going at its final stage."""
@@ -98,7 +100,8 @@ def run_curriculum(config: TrainConfig, log=print) -> dict:
         else:
             cfg.resume = bool(run_state) and config.resume
             log(f"=== stage {s} -> {out}")
-            results[s] = train_stage(cfg, log)
+            results[s] = train_stage(cfg, log, started)
+            started = None  # later stages count from their own start
         prev = out
     return {"stages": results, "out": str(root)}
 
@@ -449,6 +452,7 @@ class Stepper:
         self.model, self.feedback, self.use_compile = model, feedback, use_compile
         self.value_and_grad = nn.value_and_grad(model, loss_fn)
         self.traces, self.max_traces = {}, max_traces
+        self.layouts = set()  # keys seen since the caller last cleared it (traces used per epoch)
         self.state = [model.state, mx.random.state]
 
     def _compile(self, latent):
@@ -473,8 +477,9 @@ class Stepper:
             latent = np.zeros_like(latent)
         cols = np.flatnonzero(latent.any(axis=0))
         left_pad = mx.array(lp) if lp.any() else None
+        key = (x.shape, tuple(cols.tolist()), latent[:, cols].tobytes())
+        self.layouts.add(key)
         if self.use_compile:
-            key = (x.shape, tuple(cols.tolist()), latent[:, cols].tobytes())
             fns = self.traces.get(key)
             if fns is None and len(self.traces) < self.max_traces:
                 fns = self.traces[key] = self._compile(latent.copy())
@@ -533,6 +538,37 @@ class Progress:
 def _hms(s):
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class StartClock:
+    """Where the time to the first optimizer step goes, for the "first step done" line: phases
+    timed between laps from `started` (the process start, given by the CLI: the imports count) or
+    from the stage's start."""
+
+    NAMES = {"imports": "imports", "load": "load", "data": "data", "other": "other",
+             "step": "trace+compile+step"}
+
+    def __init__(self, started: Optional[float] = None):
+        now = time.perf_counter()
+        self.start = started if started is not None else now
+        self.phases = {"imports": now - started} if started is not None else {}
+        self.last = now
+
+    def lap(self, phase: str):
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return self.last - self.start
+
+    def rounded(self) -> dict:
+        return {"total": round(self.total(), 3), **{k: round(v, 3) for k, v in self.phases.items()}}
+
+    def line(self) -> str:
+        parts = ", ".join(f"{self.NAMES[k]} {self.phases[k]:.1f} s" for k in self.NAMES if k in self.phases)
+        start = "start" if "imports" in self.phases else "the stage started"
+        return f"first step done {self.total():.1f} s after {start} ({parts})"
 
 
 # ---------------------------------------------------------------- one stage
@@ -630,13 +666,13 @@ def _vocab(model) -> int:
     return getattr(embed, "base", embed).weight.shape[0]  # LoRA: ExtraRows around the embedding
 
 
-def train_stage(config: TrainConfig, log=print) -> dict:
+def train_stage(config: TrainConfig, log=print, started: Optional[float] = None) -> dict:
     # the run-directory lock (taken inside, once --out is validated) is released however we leave
     with contextlib.ExitStack() as held:
-        return _train_stage(config, log, held)
+        return _train_stage(config, log, held, StartClock(started))
 
 
-def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
+def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack, clock) -> dict:
     dist = distributed.setup()  # size 1 unless started by `mlx.launch`
     if not dist.main:
         log = _quiet  # rank 0 prints; errors still reach every rank as UserError
@@ -648,8 +684,11 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     run = RunDir(out, dist)
     run.open(held, resume_state["step"] if resume_state else None)
     mx.random.seed(cfg.seed)
+    clock.lap("other")
     records, valid = load_data(cfg, log)
+    clock.lap("data")
     model, tokenizer, special, record = _model_for(cfg, init_run, resume_state, out, log)
+    clock.lap("load")
     if cfg.grad_checkpoint:
         enable_grad_checkpoint(model)
     model.train()
@@ -674,18 +713,23 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
         _check_ranks(dist, model, records, valid, step, cfg, log)
     _log_start(cfg, record, model, out, len(records), log)
 
+    clock.lap("other")
     fcfg = FormatConfig.from_settings(cfg, uniform_prob=cfg.uniform_prob)
-    if not epoch_batches(records, tokenizer, fcfg, special, cfg, start_epoch):
+    first = epoch_batches(records, tokenizer, fcfg, special, cfg, start_epoch)
+    if not first:
         raise UserError(f"nothing to train on: all {len(records)} records are longer than "
                         f"--max-seq-length {cfg.max_seq_length} tokens at stage {cfg.stage}"
                         if records else "nothing to train on: no training records")
-    epochs = ((e, epoch_batches(records, tokenizer, fcfg, special, cfg, e),
+    epochs = ((e, first if e == start_epoch else epoch_batches(records, tokenizer, fcfg, special, cfg, e),
                start_batch if e == start_epoch else 0) for e in range(start_epoch, cfg.epochs))
     steps_per_epoch = math.ceil(math.ceil(len(records) / cfg.batch_size) / cfg.grad_accumulation_steps)
+    step_fn = make_step_fn(model, special, cfg, dist)
+    clock.lap("data")
     with _Interrupt() as interrupt:
         callbacks = StageCallbacks(run, model, tokenizer, settings, valid, special, cfg, log, interrupt,
-                                   Progress(steps_per_epoch * cfg.epochs, "", done=step))
-        done = train_loop(model, optimizer, epochs, make_step_fn(model, special, cfg, dist), callbacks,
+                                   Progress(steps_per_epoch * cfg.epochs, "", done=step),
+                                   clock=clock, layouts=step_fn.layouts)
+        done = train_loop(model, optimizer, epochs, step_fn, callbacks,
                           cfg.grad_accumulation_steps, all_sum_reducer(dist) if dist.enabled else None,
                           start_step=step)
     result = {"out": str(out), "steps": done["step"], "losses": done["losses"],
@@ -770,6 +814,7 @@ def make_step_fn(model, special: SpecialIds, cfg: TrainConfig, dist):
             loss, _, grads = stepper(batch)
             tokens = batch["ntokens"]
         return loss, grads, supervised_tokens(examples), tokens
+    step_fn.layouts = stepper.layouts
     return step_fn
 
 
@@ -836,11 +881,14 @@ class StageCallbacks(Callbacks):
     --stop-after-steps, every epoch end), the optimizer reset cadence, epoch evaluation and the
     best checkpoint."""
 
-    def __init__(self, run: RunDir, model, tokenizer, settings, valid, special, cfg, log, interrupt, bar):
+    def __init__(self, run: RunDir, model, tokenizer, settings, valid, special, cfg, log, interrupt, bar,
+                 clock=None, layouts=None):
         self.run, self.model, self.tokenizer, self.settings = run, model, tokenizer, settings
         self.valid, self.special, self.cfg, self.log = valid, special, cfg, log
         self.interrupt, self.bar = interrupt, bar
         self.reset, self.losses, self.tps, self.summary = reset_cadence(cfg), [], 0.0, None
+        self.clock = clock      # until the first step is reported
+        self.layouts = layouts  # the step's compiled-trace keys seen this epoch (a set we clear)
 
     def _state(self, step, epoch, batch, complete=False) -> dict:
         cfg = self.cfg
@@ -855,6 +903,8 @@ class StageCallbacks(Callbacks):
             optimizer = make_optimizer(self.model, self.cfg)
         self.bar.desc = f"stage {self.cfg.stage} epoch {epoch + 1}/{self.cfg.epochs}"
         mx.reset_peak_memory()
+        if self.layouts is not None:
+            self.layouts.clear()
         return optimizer
 
     def stop_requested(self) -> bool:
@@ -868,11 +918,18 @@ class StageCallbacks(Callbacks):
         cfg, dist = self.cfg, self.run.dist
         self.losses.append(r.loss)
         self.tps, peak = r.tokens_per_sec, mx.get_peak_memory() / 1e9
+        extra = {}
+        if self.clock is not None:  # before the progress bar draws: a line of its own on a terminal
+            self.clock.lap("step")
+            self.log(self.clock.line())
+            extra["first_step_s"], self.clock = self.clock.rounded(), None
+        if self.layouts is not None and r.next_batch == r.n_batches:  # the epoch's last step
+            extra["traces"] = len(self.layouts)
         self.run.log_metrics({
             "step": r.step, "stage": cfg.stage, "epoch": r.epoch + 1, "loss": round(r.loss, 6),
             "lr": float(r.optimizer.learning_rate.item()), "tokens": r.tokens,
             "tokens_per_sec": round(r.tokens_per_sec, 1), "peak_memory_gb": round(peak, 3),
-            "time": round(time.time(), 3),
+            "time": round(time.time(), 3), **extra,
             **({"ranks": dist.size, "all_sum_s": round(dist.wait_s, 3)} if dist.enabled else {})})
         if dist.main:
             self.bar.update(r.step, r.loss, r.tokens_per_sec, peak)
@@ -895,6 +952,10 @@ class StageCallbacks(Callbacks):
             self.bar.update(step, self.losses[-1] if self.losses else float("nan"),
                             self.tps if self.losses else 0.0, mx.get_peak_memory() / 1e9, force=True)
             self.bar.close()
+        if self.layouts is not None:
+            what = "compiled traces" if self.cfg.compile else "batch layouts (compile off)"
+            self.log(f"epoch {epoch + 1}: {len(self.layouts)} {what} (distinct batch shapes and "
+                     f"latent layouts)")
         self._save(optimizer, step, epoch + 1, 0, complete=epoch + 1 >= self.cfg.epochs)
         warnings = loss_warnings(self.losses, _vocab(self.model))
         for w in warnings:
