@@ -61,3 +61,11 @@ def test_bench_memory(capsys):
             "--shape", shape)
     assert r["bf16"] > 0 and r["qlora"] > 0
     assert "RESULT QLoRA" in capsys.readouterr().out
+
+
+def test_bench_epochs(tiny_dir, shared_data, capsys):
+    r = run("bench_epochs", "--model", tiny_dir, "--repeats", 1, "--records", 4, "--batch-size", 2,
+            "--data", shared_data / "gsm8k" / "icot_valid.txt", "--count-layouts")
+    assert set(r["ratios"]) == {1, 2} and all(v > 0 for v in r["ratios"].values())
+    out = capsys.readouterr().out
+    assert "RATIO stage 1/stage 0 per supervised token" in out and "stage 2: " in out
