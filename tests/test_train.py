@@ -472,12 +472,12 @@ def test_first_step_line_and_traces_per_epoch(tiny):
     m = re.fullmatch(r"first step done ([\d.]+) s after start \((.*)\)", first[0])
     phases = {k: float(v) for k, v in re.findall(r"([a-z+]+) ([\d.]+) s", m[2])}
     assert list(phases) == ["imports", "load", "data", "other", "trace+compile+step"], first[0]
-    assert phases["imports"] >= 0.5 and phases["trace+compile+step"] > 0
-    assert abs(sum(phases.values()) - float(m[1])) <= 0.3 and float(m[1]) <= wall
+    assert phases["imports"] >= 0.5 and abs(sum(phases.values()) - float(m[1])) <= 0.3
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    rec = lines[0]["first_step_s"]
+    rec = lines[0]["first_step_s"]  # the same to the ms
     assert abs(sum(v for k, v in rec.items() if k != "total") - rec["total"]) < 0.01
-    assert abs(rec["total"] - float(m[1])) < 0.06
+    assert abs(rec["total"] - float(m[1])) < 0.06 and rec["imports"] >= 0.5 and rec["step"] > 0
+    assert rec["total"] <= wall
     assert all("first_step_s" not in l for l in lines[1:])
 
     run = ckpt.read_run(out)
