@@ -135,8 +135,11 @@ def count_layouts(path, data, stages, args) -> dict:
         records, _ = train.load_data(cfg, lambda *_: None)
         batches = [make_batch(b, special.eos, special.latent, cfg.bucket) for b in train.epoch_batches(
             records, tokenizer, FormatConfig.from_settings(cfg, uniform_prob=0.0), special, cfg, 0)]
-        out[stage] = (len(batches), len({(b["input_ids"].shape, b["latent_mask"].tobytes())
-                                         for b in batches}), len(records))
+        out[stage] = {"batches": len(batches), "records": len(records),
+                      "traces": len({(b["input_ids"].shape, b["latent_mask"].tobytes()) for b in batches}),
+                      "columns": sum(b["input_ids"].size for b in batches),
+                      "real": sum(b["ntokens"] for b in batches),
+                      "supervised": sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)}
     return out
 
 
@@ -210,10 +213,18 @@ def main(argv=None):
               + (f" (goal <= {GOAL}: {bc.verdict(sup <= GOAL)})" if s == 1 else "")
               + f"; per computed column {col:.3f}; per real column {real:.3f}; epoch time {epoch:.3f}")
     if args.count_layouts:
-        print(f"distinct compiled traces over one epoch of all of {data.name} (host-side count; the "
-              f"Stepper compiles the first 64, later layouts run eagerly):")
-        for s, (n_batches, n_layouts, n_records) in count_layouts(path, data, stages, args).items():
-            print(f"  stage {s}: {n_layouts} traces for {n_batches} micro-batches ({n_records} records)")
+        print(f"one epoch over all of {data.name}, counted on the host (no training): distinct compiled "
+              f"traces (the Stepper compiles the first 64, later layouts run eagerly), columns, padding; "
+              f"'est. x' = the measured per-column ratio x the counted columns per supervised token:")
+        counts = count_layouts(path, data, stages, args)
+        c0 = counts[stages[0]]
+        for s, c in counts.items():
+            rc = (c["columns"] / c["supervised"]) / (c0["columns"] / c0["supervised"])
+            est = f"; est. x{rc * bc.paired_ratio(runs[names[s]], base, 'ms_per_col'):.3f} per supervised token" \
+                if s != stages[0] else ""
+            print(f"  stage {s}: {c['traces']} traces for {c['batches']} micro-batches ({c['records']} "
+                  f"records); {c['columns']} columns, {c['real']} real ({100 * (1 - c['real'] / c['columns']):.1f}% "
+                  f"padding), {c['supervised']} supervised; columns per supervised token x{rc:.3f} stage 0's{est}")
     return {"ratio": result.get(1, result.get(stages[-1])), "ratios": result}
 
 
