@@ -41,7 +41,7 @@ from .options import (DEFAULTS, DTYPES, INHERITED, RESET_CHOICES, TrainConfig,  
                       config_from_dict)
 from .trainer import Callbacks, StepReport, train_loop
 
-POOL_BATCHES = 64  # rows are grouped by length within pools of this many shuffled optimizer steps
+POOL_BATCHES = 64  # rows are sorted by tail (tokens after the first latent) within pools of this many steps
 GROUP_BATCHES = 8  # ... then by latent start within groups of this many steps of similar tails
 
 
@@ -736,7 +736,7 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack, clock) ->
     with _Interrupt() as interrupt:
         callbacks = StageCallbacks(run, model, tokenizer, settings, valid, special, cfg, log, interrupt,
                                    Progress(steps_per_epoch * cfg.epochs, "", done=step),
-                                   clock=clock, layouts=step_fn.layouts)
+                                   clock=clock, stepper=step_fn.stepper)
         done = train_loop(model, optimizer, epochs, step_fn, callbacks,
                           cfg.grad_accumulation_steps, all_sum_reducer(dist) if dist.enabled else None,
                           start_step=step)
@@ -822,7 +822,7 @@ def make_step_fn(model, special: SpecialIds, cfg: TrainConfig, dist):
             loss, _, grads = stepper(batch)
             tokens = batch["ntokens"]
         return loss, grads, supervised_tokens(examples), tokens
-    step_fn.layouts = stepper.layouts
+    step_fn.stepper = stepper  # its trace keys per epoch are reported
     return step_fn
 
 
@@ -890,18 +890,29 @@ class StageCallbacks(Callbacks):
     best checkpoint."""
 
     def __init__(self, run: RunDir, model, tokenizer, settings, valid, special, cfg, log, interrupt, bar,
-                 clock=None, layouts=None):
+                 clock=None, stepper=None):
         self.run, self.model, self.tokenizer, self.settings = run, model, tokenizer, settings
         self.valid, self.special, self.cfg, self.log = valid, special, cfg, log
         self.interrupt, self.bar = interrupt, bar
         self.reset, self.losses, self.tps, self.summary = reset_cadence(cfg), [], 0.0, None
         self.clock = clock      # until the first step is reported
-        self.layouts = layouts  # the step's compiled-trace keys seen this epoch (a set we clear)
+        self.stepper = stepper  # its `layouts` (trace keys seen) are cleared at each epoch start
 
     def _state(self, step, epoch, batch, complete=False) -> dict:
         cfg = self.cfg
         return {"step": step, "epoch": epoch, "batch": batch, "stage": cfg.stage, "seed": cfg.seed,
                 "complete": complete, "data_order": {k: getattr(cfg, k) for k in ORDER_KEYS}}
+
+    def _traces(self) -> str:
+        """The epoch's shape buckets: one compiled trace each (the Stepper compiles a bounded number;
+        later new keys run eagerly)."""
+        used = self.stepper.layouts
+        what = "distinct batch shapes and latent layouts"
+        if not self.cfg.compile:
+            return f"{len(used)} shape buckets ({what}; compile off)"
+        eager = len(used - self.stepper.traces.keys())
+        return (f"{len(used)} compiled traces ({what})" if not eager else
+                f"{len(used)} shape buckets ({what}): {len(used) - eager} compiled traces, {eager} ran eagerly")
 
     def _save(self, optimizer, step, epoch, batch, complete=False) -> Path:
         return self.run.save(self.model, self.tokenizer, optimizer, self._state(step, epoch, batch, complete))
@@ -911,8 +922,8 @@ class StageCallbacks(Callbacks):
             optimizer = make_optimizer(self.model, self.cfg)
         self.bar.desc = f"stage {self.cfg.stage} epoch {epoch + 1}/{self.cfg.epochs}"
         mx.reset_peak_memory()
-        if self.layouts is not None:
-            self.layouts.clear()
+        if self.stepper is not None:
+            self.stepper.layouts.clear()
         return optimizer
 
     def stop_requested(self) -> bool:
@@ -931,8 +942,8 @@ class StageCallbacks(Callbacks):
             self.clock.lap("step")
             self.log(self.clock.line())
             extra["first_step_s"], self.clock = self.clock.rounded(), None
-        if self.layouts is not None and r.next_batch == r.n_batches:  # the epoch's last step
-            extra["traces"] = len(self.layouts)
+        if self.stepper is not None and r.next_batch == r.n_batches:  # the epoch's last step
+            extra["traces"] = len(self.stepper.layouts)
         self.run.log_metrics({
             "step": r.step, "stage": cfg.stage, "epoch": r.epoch + 1, "loss": round(r.loss, 6),
             "lr": float(r.optimizer.learning_rate.item()), "tokens": r.tokens,
@@ -960,10 +971,8 @@ class StageCallbacks(Callbacks):
             self.bar.update(step, self.losses[-1] if self.losses else float("nan"),
                             self.tps if self.losses else 0.0, mx.get_peak_memory() / 1e9, force=True)
             self.bar.close()
-        if self.layouts is not None:
-            what = "compiled traces" if self.cfg.compile else "batch layouts (compile off)"
-            self.log(f"epoch {epoch + 1}: {len(self.layouts)} {what} (distinct batch shapes and "
-                     f"latent layouts)")
+        if self.stepper is not None:
+            self.log(f"epoch {epoch + 1}: {self._traces()}")
         self._save(optimizer, step, epoch + 1, 0, complete=epoch + 1 >= self.cfg.epochs)
         warnings = loss_warnings(self.losses, _vocab(self.model))
         for w in warnings:

@@ -64,10 +64,10 @@ def epoch_runner(path, data, stage, args, tmp):
 
         def measured_step(examples, epoch, bi):
             b = make_batch(examples, special.eos, special.latent, cfg.bucket)
-            seen = len(step_fn.layouts)
+            seen = len(step_fn.stepper.layouts)
             out = step_fn(examples, epoch, bi)
             passes = int(b["latent_mask"].any(axis=0).sum()) + 1
-            shapes.append((b["input_ids"].size, b["ntokens"], out[2], len(step_fn.layouts) > seen,
+            shapes.append((b["input_ids"].size, b["ntokens"], out[2], len(step_fn.stepper.layouts) > seen,
                            passes))
             return out
 

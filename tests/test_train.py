@@ -495,3 +495,16 @@ def test_first_step_line_and_traces_per_epoch(tiny):
         assert len(ends) == 1 and ends[0] is [l for l in lines if l["epoch"] == epoch][-1]
         assert ends[0]["traces"] == len(layouts) > 1
         assert f"epoch {epoch}: {len(layouts)} compiled traces (distinct batch shapes and latent layouts)" in logs
+
+
+def test_trace_report_names_layouts_past_the_compile_cap():
+    class FakeStepper:  # 3 layouts this epoch, 2 of them compiled (the Stepper's cap was reached)
+        layouts, traces = {"a", "b", "c"}, {"a": None, "b": None, "z": None}
+
+    def report(compile):
+        cfg = train.TrainConfig(mode="cot", compile=compile)
+        return train.StageCallbacks(*[None] * 6, cfg, None, None, None, stepper=FakeStepper())._traces()
+
+    assert report(True) == ("3 shape buckets (distinct batch shapes and latent layouts): 2 compiled "
+                            "traces, 1 ran eagerly")
+    assert report(False) == "3 shape buckets (distinct batch shapes and latent layouts; compile off)"
