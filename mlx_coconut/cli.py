@@ -8,12 +8,15 @@ import functools
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
 import click
 
 from .errors import UserError, describe
+
+STARTED = time.perf_counter()  # ~ the process start (mlx is imported later): `train` times its set-up from here
 
 
 def friendly_errors(fn):
@@ -284,7 +287,7 @@ def train(config_file, train_file, **flags):
     values["resume"] = bool(values.get("resume"))
     config = train_lib.config_from_dict(values, f"-c {config_file}" if config_file else "train")
     try:
-        result = train_lib.run(config)
+        result = train_lib.run(config, started=STARTED)
     except KeyboardInterrupt:
         raise UserError("interrupted") from None
     if result.get("interrupted"):

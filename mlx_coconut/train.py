@@ -41,19 +41,22 @@ from .options import (DEFAULTS, DTYPES, INHERITED, RESET_CHOICES, TrainConfig,  
                       config_from_dict)
 from .trainer import Callbacks, StepReport, train_loop
 
-POOL_BATCHES = 16  # latent stages: batches grouped by latent start within pools of this many
+POOL_BATCHES = 64  # rows are sorted by tail (tokens after the first latent) within pools of this many steps
+GROUP_BATCHES = 8  # ... then by latent start within groups of this many steps of similar tails
 
 
 # ---------------------------------------------------------------- entry point
 
 
-def run(config: TrainConfig, log=print) -> dict:
-    """Train one stage, or a curriculum of stages (`config.stages`). Returns a summary dict."""
+def run(config: TrainConfig, log=print, started: Optional[float] = None) -> dict:
+    """Train one stage, or a curriculum of stages (`config.stages`). Returns a summary dict.
+    `started`: the `time.perf_counter()` of the process start (the CLI's), so that the first
+    stage's "first step done" line counts the imports; None counts from the stage's start."""
     if not distributed.setup().main:
         log = _quiet  # under `mlx.launch` rank 0 alone prints
     if config.stages:
-        return run_curriculum(config, log)
-    return train_stage(config, log)
+        return run_curriculum(config, log, started)
+    return train_stage(config, log, started)
 
 
 def parse_stages(text: str) -> list:
@@ -70,7 +73,7 @@ def parse_stages(text: str) -> list:
     return stages
 
 
-def run_curriculum(config: TrainConfig, log=print) -> dict:
+def run_curriculum(config: TrainConfig, log=print, started: Optional[float] = None) -> dict:
     """Official schedule: stage s for `epochs_per_stage` epochs, optimizer reset at each stage.
     With both `epochs_per_stage` and `epochs` (the official `num_epochs`: the whole schedule), the
     last stage runs the remaining epochs, as the official loop keeps going at its final stage."""
@@ -98,7 +101,8 @@ def run_curriculum(config: TrainConfig, log=print) -> dict:
         else:
             cfg.resume = bool(run_state) and config.resume
             log(f"=== stage {s} -> {out}")
-            results[s] = train_stage(cfg, log)
+            results[s] = train_stage(cfg, log, started)
+            started = None  # later stages count from their own start
         prev = out
     return {"stages": results, "out": str(root)}
 
@@ -307,17 +311,24 @@ def epoch_batches(records, tokenizer, fcfg: FormatConfig, ids: SpecialIds, cfg: 
     bs = cfg.batch_size
     if bs > 1:
         # A batch is as wide as its longest row (at latent stages: its longest question + its longest
-        # remainder, as the collator left-pads every row so the first latents share a column). Group
-        # similar rows: sort each pool of POOL_BATCHES shuffled batches by latent start, then length,
-        # cut it into optimizer steps and shuffle their order (seeded by (seed, epoch): --resume sees
-        # the same batches). Cutting whole steps (batch x accumulation) keeps accumulated
-        # micro-batches the same examples as one big batch; a short last step stays last.
+        # tail after the first latent, as the collator left-pads every row so the first latents
+        # share a column). Group similar rows in two levels: sort each pool of POOL_BATCHES shuffled
+        # steps by tail, then each group of GROUP_BATCHES steps by latent start (at stage 0, with no
+        # latents: by length); cut into optimizer steps and shuffle their order (seeded by (seed,
+        # epoch): --resume sees the same batches). Cutting whole steps (batch x accumulation) keeps
+        # accumulated micro-batches the same examples as one big batch; a short last step stays last.
         step = bs * cfg.grad_accumulation_steps
-        pool = step * POOL_BATCHES
+        pool, group = step * POOL_BATCHES, step * GROUP_BATCHES
         order_rng = np.random.default_rng([cfg.seed, epoch, 1])
         steps, short = [], []
+
+        def tail(e):
+            return len(e.input_ids) - max(e.latent_start, 0)
+
         for p in range(0, len(examples), pool):
-            chunk = sorted(examples[p:p + pool], key=lambda e: (e.latent_start, len(e.input_ids)))
+            chunk = sorted(examples[p:p + pool], key=tail)
+            chunk = [e for g in range(0, len(chunk), group)
+                     for e in sorted(chunk[g:g + group], key=lambda e: (e.latent_start, tail(e)))]
             cut = [chunk[i:i + step] for i in range(0, len(chunk), step)]
             if len(cut[-1]) < step:
                 short = [cut.pop()]
@@ -450,6 +461,7 @@ class Stepper:
         self.model, self.feedback, self.use_compile = model, feedback, use_compile
         self.value_and_grad = nn.value_and_grad(model, loss_fn)
         self.traces, self.max_traces = {}, max_traces
+        self.layouts = set()  # keys seen since the caller last cleared it (traces used per epoch)
         self.state = [model.state, mx.random.state]
 
     def _compile(self, latent):
@@ -475,8 +487,9 @@ class Stepper:
         cols = np.flatnonzero(latent.any(axis=0))
         left_pad = mx.array(lp) if lp.any() else None
         rows = supervised_rows(batch["labels"])
+        key = (x.shape, rows.shape, tuple(cols.tolist()), latent[:, cols].tobytes())
+        self.layouts.add(key)
         if self.use_compile:
-            key = (x.shape, rows.shape, tuple(cols.tolist()), latent[:, cols].tobytes())
             fns = self.traces.get(key)
             if fns is None and len(self.traces) < self.max_traces:
                 fns = self.traces[key] = self._compile(latent.copy())
@@ -536,6 +549,37 @@ class Progress:
 def _hms(s):
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class StartClock:
+    """Where the time to the first optimizer step goes, for the "first step done" line: phases
+    timed between laps from `started` (the process start, given by the CLI: the imports count) or
+    from the stage's start."""
+
+    NAMES = {"imports": "imports", "load": "load", "data": "data", "other": "other",
+             "step": "trace+compile+step"}
+
+    def __init__(self, started: Optional[float] = None):
+        now = time.perf_counter()
+        self.start = started if started is not None else now
+        self.phases = {"imports": now - started} if started is not None else {}
+        self.last = now
+
+    def lap(self, phase: str):
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return self.last - self.start
+
+    def rounded(self) -> dict:
+        return {"total": round(self.total(), 3), **{k: round(v, 3) for k, v in self.phases.items()}}
+
+    def line(self) -> str:
+        parts = ", ".join(f"{self.NAMES[k]} {self.phases[k]:.1f} s" for k in self.NAMES if k in self.phases)
+        start = "start" if "imports" in self.phases else "the stage started"
+        return f"first step done {self.total():.1f} s after {start} ({parts})"
 
 
 # ---------------------------------------------------------------- one stage
@@ -633,13 +677,13 @@ def _vocab(model) -> int:
     return getattr(embed, "base", embed).weight.shape[0]  # LoRA: ExtraRows around the embedding
 
 
-def train_stage(config: TrainConfig, log=print) -> dict:
+def train_stage(config: TrainConfig, log=print, started: Optional[float] = None) -> dict:
     # the run-directory lock (taken inside, once --out is validated) is released however we leave
     with contextlib.ExitStack() as held:
-        return _train_stage(config, log, held)
+        return _train_stage(config, log, held, StartClock(started))
 
 
-def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
+def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack, clock) -> dict:
     dist = distributed.setup()  # size 1 unless started by `mlx.launch`
     if not dist.main:
         log = _quiet  # rank 0 prints; errors still reach every rank as UserError
@@ -651,8 +695,11 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     run = RunDir(out, dist)
     run.open(held, resume_state["step"] if resume_state else None)
     mx.random.seed(cfg.seed)
+    clock.lap("other")
     records, valid = load_data(cfg, log)
+    clock.lap("data")
     model, tokenizer, special, record = _model_for(cfg, init_run, resume_state, out, log)
+    clock.lap("load")
     if cfg.grad_checkpoint:
         enable_grad_checkpoint(model)
     model.train()
@@ -677,18 +724,23 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack) -> dict:
         _check_ranks(dist, model, records, valid, step, cfg, log)
     _log_start(cfg, record, model, out, len(records), log)
 
+    clock.lap("other")
     fcfg = FormatConfig.from_settings(cfg, uniform_prob=cfg.uniform_prob)
-    if not epoch_batches(records, tokenizer, fcfg, special, cfg, start_epoch):
+    first = epoch_batches(records, tokenizer, fcfg, special, cfg, start_epoch)
+    if not first:
         raise UserError(f"nothing to train on: all {len(records)} records are longer than "
                         f"--max-seq-length {cfg.max_seq_length} tokens at stage {cfg.stage}"
                         if records else "nothing to train on: no training records")
-    epochs = ((e, epoch_batches(records, tokenizer, fcfg, special, cfg, e),
+    epochs = ((e, first if e == start_epoch else epoch_batches(records, tokenizer, fcfg, special, cfg, e),
                start_batch if e == start_epoch else 0) for e in range(start_epoch, cfg.epochs))
     steps_per_epoch = math.ceil(math.ceil(len(records) / cfg.batch_size) / cfg.grad_accumulation_steps)
+    step_fn = make_step_fn(model, special, cfg, dist)
+    clock.lap("data")
     with _Interrupt() as interrupt:
         callbacks = StageCallbacks(run, model, tokenizer, settings, valid, special, cfg, log, interrupt,
-                                   Progress(steps_per_epoch * cfg.epochs, "", done=step))
-        done = train_loop(model, optimizer, epochs, make_step_fn(model, special, cfg, dist), callbacks,
+                                   Progress(steps_per_epoch * cfg.epochs, "", done=step),
+                                   clock=clock, stepper=step_fn.stepper)
+        done = train_loop(model, optimizer, epochs, step_fn, callbacks,
                           cfg.grad_accumulation_steps, all_sum_reducer(dist) if dist.enabled else None,
                           start_step=step, compile_update=cfg.compile)
     result = {"out": str(out), "steps": done["step"], "losses": done["losses"],
@@ -773,6 +825,7 @@ def make_step_fn(model, special: SpecialIds, cfg: TrainConfig, dist):
             loss, _, grads = stepper(batch)
             tokens = batch["ntokens"]
         return loss, grads, supervised_tokens(examples), tokens
+    step_fn.stepper = stepper  # its trace keys per epoch are reported
     return step_fn
 
 
@@ -839,16 +892,30 @@ class StageCallbacks(Callbacks):
     --stop-after-steps, every epoch end), the optimizer reset cadence, epoch evaluation and the
     best checkpoint."""
 
-    def __init__(self, run: RunDir, model, tokenizer, settings, valid, special, cfg, log, interrupt, bar):
+    def __init__(self, run: RunDir, model, tokenizer, settings, valid, special, cfg, log, interrupt, bar,
+                 clock=None, stepper=None):
         self.run, self.model, self.tokenizer, self.settings = run, model, tokenizer, settings
         self.valid, self.special, self.cfg, self.log = valid, special, cfg, log
         self.interrupt, self.bar = interrupt, bar
         self.reset, self.losses, self.tps, self.summary = reset_cadence(cfg), [], 0.0, None
+        self.clock = clock      # until the first step is reported
+        self.stepper = stepper  # its `layouts` (trace keys seen) are cleared at each epoch start
 
     def _state(self, step, epoch, batch, complete=False) -> dict:
         cfg = self.cfg
         return {"step": step, "epoch": epoch, "batch": batch, "stage": cfg.stage, "seed": cfg.seed,
                 "complete": complete, "data_order": {k: getattr(cfg, k) for k in ORDER_KEYS}}
+
+    def _traces(self) -> str:
+        """The epoch's shape buckets: one compiled trace each (the Stepper compiles a bounded number;
+        later new keys run eagerly)."""
+        used = self.stepper.layouts
+        what = "distinct batch shapes and latent layouts"
+        if not self.cfg.compile:
+            return f"{len(used)} shape buckets ({what}; compile off)"
+        eager = len(used - self.stepper.traces.keys())
+        return (f"{len(used)} compiled traces ({what})" if not eager else
+                f"{len(used)} shape buckets ({what}): {len(used) - eager} compiled traces, {eager} ran eagerly")
 
     def _save(self, optimizer, step, epoch, batch, complete=False) -> Path:
         return self.run.save(self.model, self.tokenizer, optimizer, self._state(step, epoch, batch, complete))
@@ -858,6 +925,8 @@ class StageCallbacks(Callbacks):
             optimizer = make_optimizer(self.model, self.cfg)
         self.bar.desc = f"stage {self.cfg.stage} epoch {epoch + 1}/{self.cfg.epochs}"
         mx.reset_peak_memory()
+        if self.stepper is not None:
+            self.stepper.layouts.clear()
         return optimizer
 
     def stop_requested(self) -> bool:
@@ -871,11 +940,18 @@ class StageCallbacks(Callbacks):
         cfg, dist = self.cfg, self.run.dist
         self.losses.append(r.loss)
         self.tps, peak = r.tokens_per_sec, mx.get_peak_memory() / 1e9
+        extra = {}
+        if self.clock is not None:  # before the progress bar draws: a line of its own on a terminal
+            self.clock.lap("step")
+            self.log(self.clock.line())
+            extra["first_step_s"], self.clock = self.clock.rounded(), None
+        if self.stepper is not None and r.next_batch == r.n_batches:  # the epoch's last step
+            extra["traces"] = len(self.stepper.layouts)
         self.run.log_metrics({
             "step": r.step, "stage": cfg.stage, "epoch": r.epoch + 1, "loss": round(r.loss, 6),
             "lr": float(r.optimizer.learning_rate.item()), "tokens": r.tokens,
             "tokens_per_sec": round(r.tokens_per_sec, 1), "peak_memory_gb": round(peak, 3),
-            "time": round(time.time(), 3),
+            "time": round(time.time(), 3), **extra,
             **({"ranks": dist.size, "all_sum_s": round(dist.wait_s, 3)} if dist.enabled else {})})
         if dist.main:
             self.bar.update(r.step, r.loss, r.tokens_per_sec, peak)
@@ -898,6 +974,8 @@ class StageCallbacks(Callbacks):
             self.bar.update(step, self.losses[-1] if self.losses else float("nan"),
                             self.tps if self.losses else 0.0, mx.get_peak_memory() / 1e9, force=True)
             self.bar.close()
+        if self.stepper is not None:
+            self.log(f"epoch {epoch + 1}: {self._traces()}")
         self._save(optimizer, step, epoch + 1, 0, complete=epoch + 1 >= self.cfg.epochs)
         warnings = loss_warnings(self.losses, _vocab(self.model))
         for w in warnings:

@@ -96,3 +96,18 @@ def test_bench_blas(tiny_dir, shared_data):
     assert r["reference"][shape] > 0
     if blas.find_openblas():
         assert r["openblas"]["step"] > 0
+
+
+def test_bench_epochs(tiny_dir, shared_data, capsys):
+    r = run("bench_epochs", "--model", tiny_dir, "--repeats", 1, "--records", 4, "--batch-size", 2,
+            "--data", shared_data / "gsm8k" / "icot_valid.txt", "--count-layouts")
+    assert set(r["ratios"]) == {1, 2} and all(v > 0 for v in r["ratios"].values())
+    out = capsys.readouterr().out
+    assert "RATIO stage 1/stage 0 per supervised token" in out and "stage 2: " in out
+
+
+def test_bench_first_step(tiny_dir, shared_data, capsys):
+    r = run("bench_first_step", "--model", tiny_dir, "--repeats", 1, "--batch-size", 2, "--lora-rank", 4)
+    assert r["ours_s"] > 0 and r["mlx_lm_s"] > 0 and r["ratio"] > 0
+    out = capsys.readouterr().out
+    assert "RATIO ours/mlx-lm time to first step" in out and "own trace+compile+step" in out

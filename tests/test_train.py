@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from mlx_coconut import adapters, checkpoint as ckpt
 from mlx_coconut import train
 from mlx_coconut.cli import main
-from mlx_coconut.coconut import collated_loss
+from mlx_coconut.coconut import collated_loss, supervised_rows
 from mlx_coconut.data import load_records
 from mlx_coconut.errors import UserError
 from mlx_coconut.evaluate import evaluate
@@ -476,3 +476,64 @@ def test_compiled_optimizer_update_equals_eager(tiny, scale):
     assert tree_rel_diff(s_eager, s_comp) < RTOL
     before = dict(tree_flatten(ckpt.load(tiny["model"]).model.trainable_parameters()))
     assert tree_rel_diff(before, p_comp) > 100 * RTOL   # the weights did move
+
+
+# ---------------------------------------------------------------- time to first step, traces
+
+
+def test_first_step_line_and_traces_per_epoch(tiny):
+    """One "first step done" line with phases that add up to its total, recorded in metrics.jsonl;
+    each epoch's last metrics line counts the compiled traces the epoch used, which equal the
+    distinct (shape, latent layout) batches of that epoch computed here from the same pieces."""
+    import re
+    import time
+
+    from mlx_coconut.data import FormatConfig, SpecialIds, make_batch
+
+    out, logs = tiny["root"] / "first-step", []
+    started = time.perf_counter() - 0.5  # as if the process had started 0.5 s ago (the CLI passes it)
+    train.run(cfg(tiny, out, stage=1, c_thought=1, epochs=2, batch_size=4, bucket=8), log=logs.append,
+              started=started)
+    wall = time.perf_counter() - started
+    first = [l for l in logs if l.startswith("first step done")]
+    assert len(first) == 1, logs
+    m = re.fullmatch(r"first step done ([\d.]+) s after start \((.*)\)", first[0])
+    phases = {k: float(v) for k, v in re.findall(r"([a-z+]+) ([\d.]+) s", m[2])}
+    assert list(phases) == ["imports", "load", "data", "other", "trace+compile+step"], first[0]
+    assert phases["imports"] >= 0.5 and abs(sum(phases.values()) - float(m[1])) <= 0.3
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rec = lines[0]["first_step_s"]  # the same to the ms
+    assert abs(sum(v for k, v in rec.items() if k != "total") - rec["total"]) < 0.01
+    assert abs(rec["total"] - float(m[1])) < 0.06 and rec["imports"] >= 0.5 and rec["step"] > 0
+    assert rec["total"] <= wall
+    assert all("first_step_s" not in l for l in lines[1:])
+
+    run = ckpt.read_run(out)
+    rc = train.TrainConfig(**run["config"])
+    tokenizer = ckpt.load(out).tokenizer
+    lid = run["settings"]["latent_ids"]
+    special = SpecialIds(lid["start"], lid["latent"], lid["end"], run["eos_id"])
+    records, _ = train.load_data(rc, quiet)
+    fcfg = FormatConfig.from_settings(rc, uniform_prob=rc.uniform_prob)
+    for epoch in (1, 2):
+        batches = [make_batch(b, special.eos, special.latent, rc.bucket)
+                   for b in train.epoch_batches(records, tokenizer, fcfg, special, rc, epoch - 1)]
+        layouts = {(b["input_ids"].shape, supervised_rows(b["labels"]).shape, b["latent_mask"].tobytes())
+                   for b in batches}
+        ends = [l for l in lines if l["epoch"] == epoch and "traces" in l]
+        assert len(ends) == 1 and ends[0] is [l for l in lines if l["epoch"] == epoch][-1]
+        assert ends[0]["traces"] == len(layouts) > 1
+        assert f"epoch {epoch}: {len(layouts)} compiled traces (distinct batch shapes and latent layouts)" in logs
+
+
+def test_trace_report_names_layouts_past_the_compile_cap():
+    class FakeStepper:  # 3 layouts this epoch, 2 of them compiled (the Stepper's cap was reached)
+        layouts, traces = {"a", "b", "c"}, {"a": None, "b": None, "z": None}
+
+    def report(compile):
+        cfg = train.TrainConfig(mode="cot", compile=compile)
+        return train.StageCallbacks(*[None] * 6, cfg, None, None, None, stepper=FakeStepper())._traces()
+
+    assert report(True) == ("3 shape buckets (distinct batch shapes and latent layouts): 2 compiled "
+                            "traces, 1 ran eagerly")
+    assert report(False) == "3 shape buckets (distinct batch shapes and latent layouts; compile off)"

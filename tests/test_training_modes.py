@@ -272,7 +272,7 @@ def test_preset_loads_and_validates(preset, tiny, monkeypatch, tmp_path):
     # through the CLI, as `mlx-coconut train -c FILE` with the run paths overridden: the resolved
     # config validates (no training)
     seen = {}
-    monkeypatch.setattr(train, "run", lambda c: seen.setdefault("config", c) and {})
+    monkeypatch.setattr(train, "run", lambda c, **_: seen.setdefault("config", c) and {})
     args = ["train", "-c", str(preset), "--out", str(tmp_path / "run"), "--train", str(tiny["data"]),
             "--valid", str(tiny["data"])]
     args += ["--model", str(tiny["model"])] if not values.get("init") else []
