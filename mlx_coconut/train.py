@@ -447,6 +447,16 @@ def disable_grad_checkpoint(model):
 # ---------------------------------------------------------------- the step
 
 
+def trace_key(batch: dict, feedback: bool = True, rows=None) -> tuple:
+    """What a compiled step depends on besides the weights: the batch shape, the number of labelled
+    positions the head runs on (`rows` from `supervised_rows`) and the latent layout (latent columns,
+    and which rows hold a thought there)."""
+    latent = batch["latent_mask"] if feedback else np.zeros_like(batch["latent_mask"])
+    cols = np.flatnonzero(latent.any(axis=0))
+    rows = supervised_rows(batch["labels"]) if rows is None else rows
+    return batch["input_ids"].shape, rows.shape, tuple(cols.tolist()), latent[:, cols].tobytes()
+
+
 class Stepper:
     """Loss + gradients for one micro-batch, mx.compile'd per key.
 
@@ -457,7 +467,9 @@ class Stepper:
     positions, so the keys repeat; past `max_traces` keys batches run eagerly
     (mx.compile keeps every trace)."""
 
-    def __init__(self, model, feedback: bool, use_compile: bool, max_traces: int = 64):
+    MAX_TRACES = 256  # a GSM8k epoch at a latent stage uses ~150 keys; each trace compiles in ~1 s
+
+    def __init__(self, model, feedback: bool, use_compile: bool, max_traces: int = MAX_TRACES):
         self.model, self.feedback, self.use_compile = model, feedback, use_compile
         self.value_and_grad = nn.value_and_grad(model, loss_fn)
         self.traces, self.max_traces = {}, max_traces
@@ -484,10 +496,9 @@ class Stepper:
         latent, lp = batch["latent_mask"], batch["left_pad"]
         if not self.feedback:
             latent = np.zeros_like(latent)
-        cols = np.flatnonzero(latent.any(axis=0))
         left_pad = mx.array(lp) if lp.any() else None
         rows = supervised_rows(batch["labels"])
-        key = (x.shape, rows.shape, tuple(cols.tolist()), latent[:, cols].tobytes())
+        key = trace_key(batch, self.feedback, rows)
         self.layouts.add(key)
         if self.use_compile:
             fns = self.traces.get(key)

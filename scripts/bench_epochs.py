@@ -117,7 +117,7 @@ def summarize(cold, warm, shapes) -> dict:
 
 
 def count_layouts(path, data, stages, args) -> dict:
-    """Distinct compiled traces (batch shape + latent layout) one epoch over `data` would use at each
+    """Distinct compiled traces (`train.trace_key`: batch shape, labelled positions, latent layout) one epoch over `data` would use at each
     stage, counted on the host from the same pieces (no training)."""
     from mlx_coconut import train
     from mlx_coconut.checkpoint import load_tokenizer
@@ -135,7 +135,7 @@ def count_layouts(path, data, stages, args) -> dict:
         batches = [make_batch(b, special.eos, special.latent, cfg.bucket) for b in train.epoch_batches(
             records, tokenizer, FormatConfig.from_settings(cfg, uniform_prob=0.0), special, cfg, 0)]
         out[stage] = {"batches": len(batches), "records": len(records),
-                      "traces": len({(b["input_ids"].shape, b["latent_mask"].tobytes()) for b in batches}),
+                      "traces": len({train.trace_key(b) for b in batches}),
                       "columns": sum(b["input_ids"].size for b in batches),
                       "real": sum(b["ntokens"] for b in batches),
                       "supervised": sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)}
@@ -215,8 +215,10 @@ def main(argv=None):
               + f"; per computed column {col:.3f}; per real column {real:.3f}; epoch time {epoch:.3f}; "
               f"first epoch (compiles included) per supervised token {first:.3f}")
     if args.count_layouts:
+        from mlx_coconut.train import Stepper
         print(f"one epoch over all of {data.name}, counted on the host (no training): distinct compiled "
-              f"traces (the Stepper compiles the first 64, later layouts run eagerly), columns, padding; "
+              f"traces (the Stepper compiles the first {Stepper.MAX_TRACES}, later layouts run eagerly), columns, "
+              f"padding; "
               f"'est. x' = the measured per-column ratio x the counted columns per supervised token:")
         counts = count_layouts(path, data, stages, args)
         c0 = counts[stages[0]]
