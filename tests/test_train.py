@@ -537,3 +537,21 @@ def test_trace_report_names_layouts_past_the_compile_cap():
     assert report(True) == ("3 shape buckets (distinct batch shapes and latent layouts): 2 compiled "
                             "traces, 1 ran eagerly")
     assert report(False) == "3 shape buckets (distinct batch shapes and latent layouts; compile off)"
+
+
+def test_only_the_first_train_of_a_process_counts_the_imports(tiny, tmp_path, monkeypatch):
+    """The quickstart runs several `train` commands in one process: the first one's set-up counts from
+    the process start (imports included), later ones from their own start, not the process's."""
+    import time
+
+    from mlx_coconut import cli
+    monkeypatch.setattr(cli, "_STARTED", [time.perf_counter() - 100.0])
+    lines = []
+    for name in ("first", "second"):
+        r = _cli(["--model", str(tiny["model"]), "--train", str(tiny["data"]), "--epochs", "1",
+                  "--samples", "8", "--eval-samples", "0", "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        lines += [l for l in r.output.splitlines() if l.startswith("first step done")]
+    assert len(lines) == 2, lines
+    assert " after start (imports 10" in lines[0]
+    assert " after the stage started (" in lines[1] and "imports" not in lines[1]
