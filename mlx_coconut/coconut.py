@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from .data import collate_prompts

@@ -41,8 +41,7 @@ from .options import (DEFAULTS, DTYPES, INHERITED, RESET_CHOICES, TrainConfig,  
                       config_from_dict)
 from .trainer import Callbacks, StepReport, train_loop
 
-POOL_BATCHES = 64  # rows are sorted by tail (tokens after the first latent) within pools of this many steps
-GROUP_BATCHES = 8  # ... then by latent start within groups of this many steps of similar tails
+POOL_BATCHES = 16  # latent stages: batches grouped by latent start within pools of this many
 
 
 # ---------------------------------------------------------------- entry point
@@ -311,24 +310,17 @@ def epoch_batches(records, tokenizer, fcfg: FormatConfig, ids: SpecialIds, cfg: 
     bs = cfg.batch_size
     if bs > 1:
         # A batch is as wide as its longest row (at latent stages: its longest question + its longest
-        # tail after the first latent, as the collator left-pads every row so the first latents
-        # share a column). Group similar rows in two levels: sort each pool of POOL_BATCHES shuffled
-        # steps by tail, then each group of GROUP_BATCHES steps by latent start (at stage 0, with no
-        # latents: by length); cut into optimizer steps and shuffle their order (seeded by (seed,
-        # epoch): --resume sees the same batches). Cutting whole steps (batch x accumulation) keeps
-        # accumulated micro-batches the same examples as one big batch; a short last step stays last.
+        # remainder, as the collator left-pads every row so the first latents share a column). Group
+        # similar rows: sort each pool of POOL_BATCHES shuffled batches by latent start, then length,
+        # cut it into optimizer steps and shuffle their order (seeded by (seed, epoch): --resume sees
+        # the same batches). Cutting whole steps (batch x accumulation) keeps accumulated
+        # micro-batches the same examples as one big batch; a short last step stays last.
         step = bs * cfg.grad_accumulation_steps
-        pool, group = step * POOL_BATCHES, step * GROUP_BATCHES
+        pool = step * POOL_BATCHES
         order_rng = np.random.default_rng([cfg.seed, epoch, 1])
         steps, short = [], []
-
-        def tail(e):
-            return len(e.input_ids) - max(e.latent_start, 0)
-
         for p in range(0, len(examples), pool):
-            chunk = sorted(examples[p:p + pool], key=tail)
-            chunk = [e for g in range(0, len(chunk), group)
-                     for e in sorted(chunk[g:g + group], key=lambda e: (e.latent_start, tail(e)))]
+            chunk = sorted(examples[p:p + pool], key=lambda e: (e.latent_start, len(e.input_ids)))
             cut = [chunk[i:i + step] for i in range(0, len(chunk), step)]
             if len(cut[-1]) < step:
                 short = [cut.pop()]
