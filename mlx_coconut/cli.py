@@ -467,8 +467,8 @@ def plot(runs, out):
 @click.option("--out", "out_dir", default="quickstart", show_default=True, type=click.Path(file_okay=False),
               help="Directory for weights, data, runs and the report.")
 @click.option("--budget", type=click.Choice(["default", "long", "small"]), default="default",
-              show_default=True, help="default: ~16 min on a 2-core CPU (1 epoch at stage 1); long: "
-              "~28 min, 3 epochs at stage 1 (reuses a default run's CoT/no-CoT in the same --out); "
+              show_default=True, help="default: ~12 min on a 2-core CPU (1 epoch at stage 1); long: "
+              "~19 min, 3 epochs at stage 1 (reuses a default run's CoT/no-CoT in the same --out); "
               "small: the CI smoke test.")
 @click.option("--small", is_flag=True, help="Same as --budget small.")
 @click.option("--force", is_flag=True, help="Retrain even if the runs in --out are complete.")

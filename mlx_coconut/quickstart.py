@@ -47,11 +47,11 @@ class Budget:
 
 
 BUDGETS = {
-    "default": Budget(train=400, valid=16, test=200, note="~20 minutes on a 2-core x86 CPU"),
+    "default": Budget(train=400, valid=16, test=200, note="~12 minutes on a 2-core x86 CPU"),
     # the same data, CoT and no-CoT runs; three epochs at stage 1 (official: 3 epochs per stage)
     "long": Budget(train=400, valid=16, test=200, coconut_run="coconut-3ep",
                    latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "3"),
-                   note="~28 minutes on a 2-core x86 CPU; ~18 after a default run in the same --out"),
+                   note="~19 minutes on a 2-core x86 CPU; ~13 after a default run in the same --out"),
     "small": Budget(train=8, valid=2, test=4, synth=("--min-steps", "1", "--max-steps", "2"),
                     max_tokens=12, note="CI smoke test: a few steps, ~1-3 minutes"),
 }
