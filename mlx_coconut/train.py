@@ -713,29 +713,19 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack, clock) ->
                                          "end": special.end_latent})
     run.record = _run_record(cfg, record, settings, special, new=resume_state is None)
 
-    optimizer = make_optimizer(model, cfg)
+    optimizer = _optimizer_for(model, cfg, init_run, opt_state, resume_state)
     step, start_epoch, start_batch = 0, 0, 0
     if resume_state:
-        set_optimizer_state(optimizer, opt_state)
         step, start_epoch, start_batch = (resume_state["step"], resume_state["epoch"],
                                           resume_state["batch"])
         log(f"resuming {out} at step {step} (epoch {start_epoch + 1}, batch {start_batch})")
         run.last_saved = ckpt.checkpoint_dir(out)
-    elif reset_cadence(cfg) == "never" and init_run is not None:  # carry the --init run's moments
-        set_optimizer_state(optimizer, ckpt.load_optimizer_state(cfg.init)[0])
     if dist.enabled:
         _check_ranks(dist, model, records, valid, step, cfg, log)
     _log_start(cfg, record, model, out, len(records), log)
 
     clock.lap("other")
-    fcfg = FormatConfig.from_settings(cfg, uniform_prob=cfg.uniform_prob)
-    first = epoch_batches(records, tokenizer, fcfg, special, cfg, start_epoch)
-    if not first:
-        raise UserError(f"nothing to train on: all {len(records)} records are longer than "
-                        f"--max-seq-length {cfg.max_seq_length} tokens at stage {cfg.stage}"
-                        if records else "nothing to train on: no training records")
-    epochs = ((e, first if e == start_epoch else epoch_batches(records, tokenizer, fcfg, special, cfg, e),
-               start_batch if e == start_epoch else 0) for e in range(start_epoch, cfg.epochs))
+    epochs = _stage_epochs(records, tokenizer, special, cfg, start_epoch, start_batch)
     steps_per_epoch = math.ceil(math.ceil(len(records) / cfg.batch_size) / cfg.grad_accumulation_steps)
     step_fn = make_step_fn(model, special, cfg, dist)
     clock.lap("data")
@@ -751,6 +741,31 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack, clock) ->
     if not done["interrupted"] and cfg.epochs > start_epoch:
         result["eval"] = callbacks.summary
     return result
+
+
+def _optimizer_for(model, cfg: TrainConfig, init_run, opt_state, resume_state):
+    """A fresh optimizer, with the saved moments of a resumed run (or of the --init run when the
+    cadence is `never`)."""
+    optimizer = make_optimizer(model, cfg)
+    if resume_state:
+        set_optimizer_state(optimizer, opt_state)
+    elif reset_cadence(cfg) == "never" and init_run is not None:  # carry the --init run's moments
+        set_optimizer_state(optimizer, ckpt.load_optimizer_state(cfg.init)[0])
+    return optimizer
+
+
+def _stage_epochs(records, tokenizer, special: SpecialIds, cfg: TrainConfig, start_epoch: int,
+                  start_batch: int):
+    """(epoch, batches, first batch) for the loop; the first epoch is formatted now, to refuse a run
+    with nothing to train on before any step."""
+    fcfg = FormatConfig.from_settings(cfg, uniform_prob=cfg.uniform_prob)
+    first = epoch_batches(records, tokenizer, fcfg, special, cfg, start_epoch)
+    if not first:
+        raise UserError(f"nothing to train on: all {len(records)} records are longer than "
+                        f"--max-seq-length {cfg.max_seq_length} tokens at stage {cfg.stage}"
+                        if records else "nothing to train on: no training records")
+    return ((e, first if e == start_epoch else epoch_batches(records, tokenizer, fcfg, special, cfg, e),
+             start_batch if e == start_epoch else 0) for e in range(start_epoch, cfg.epochs))
 
 
 def _start(config: TrainConfig) -> tuple:

@@ -127,19 +127,24 @@ def smollm2(request):
 SMOL_LATENT = 33691  # `<<` stands in for <|latent|>: the loop only needs to know which columns are thoughts
 
 
-@pytest.mark.parametrize("variant", ["untied", "tied", "lora"])
-def test_chunked_loss_equals_unchunked(variant):
-    """loss_fn's checkpointed per-chunk head (chunks of 5 positions, across rows) = one big chunk,
-    loss and every gradient (head, LoRA and new-token rows included)."""
+def _head_case(variant, seed):
+    """A tiny model (untied, tied or LoRA'd head) and a two-row left-padded batch with thoughts."""
     from mlx_coconut import adapters
-    model = tiny_model(seed=5, tie_word_embeddings=variant == "tied")
+    model = tiny_model(seed=seed, tie_word_embeddings=variant == "tied")
     if variant == "lora":
         adapters.apply_lora(model, {"rank": 4, "scale": 20.0, "dropout": 0.0, "layers": 0,
                                 "quantization": None}, (START, LATENT, END))
         mx.eval(model.parameters())
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     ids, labels, left_pad = collate([make_example(5, 2, 7, rng)[:2], make_example(9, 2, 4, rng)[:2]])
-    latent_mask = ids == LATENT
+    return model, ids, labels, left_pad, ids == LATENT
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied", "lora"])
+def test_chunked_loss_equals_unchunked(variant):
+    """loss_fn's checkpointed per-chunk head (chunks of 5 positions, across rows) = one big chunk,
+    loss and every gradient (head, LoRA and new-token rows included)."""
+    model, ids, labels, left_pad, latent_mask = _head_case(variant, seed=5)
 
     def loss(m, chunk):
         return loss_fn(m, mx.array(ids), mx.array(labels), latent_mask, left_pad, chunk=chunk)[0]
@@ -184,15 +189,7 @@ def test_one_pass_cross_entropy_equals_mlx_cross_entropy(compiled):
 def test_head_on_labelled_rows_only_equals_full_head(variant):
     """loss_fn with `rows` (the head only where a label is, padded with an unlabelled position) gives
     the loss and every gradient of the head over all positions."""
-    from mlx_coconut import adapters
-    model = tiny_model(seed=6, tie_word_embeddings=variant == "tied")
-    if variant == "lora":
-        adapters.apply_lora(model, {"rank": 4, "scale": 20.0, "dropout": 0.0, "layers": 0,
-                                "quantization": None}, (START, LATENT, END))
-        mx.eval(model.parameters())
-    rng = np.random.default_rng(6)
-    ids, labels, left_pad = collate([make_example(5, 2, 7, rng)[:2], make_example(9, 2, 4, rng)[:2]])
-    latent_mask = ids == LATENT
+    model, ids, labels, left_pad, latent_mask = _head_case(variant, seed=6)
     rows = supervised_rows(labels, bucket=16)
     n_labelled = int((labels[:, 1:] != IGNORE).sum())
     assert rows.size == 16 and n_labelled < 16 < labels[:, 1:].size   # padded, and fewer than all
