@@ -421,7 +421,7 @@ def _eval_progress(label, total):
               "is the baseline).")
 @click.option("--data", "data_path", required=True, metavar="FILE", help="Test records (JSON/jsonl/iCoT).")
 @click.option("--samples", type=int, default=None, help="Only the first N records [all].")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Questions generated at once [32].")
 @click.option("--max-tokens", type=int, default=None,
               help="New tokens per answer [as official: 64 when every answer is a number (GSM8k), else 128].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
@@ -437,8 +437,10 @@ def eval_cmd(models, data_path, samples, batch_size, max_tokens, dtype, n_exampl
     from .data import load_records
     from . import report as rep
 
-    if batch_size < 1 or (max_tokens is not None and max_tokens < 1) or (samples is not None and samples < 1):
+    if any(v is not None and v < 1 for v in (batch_size, max_tokens, samples)):
         raise UserError("--batch-size, --max-tokens and --samples must be >= 1")
+    from .evaluate import BATCH_SIZE
+    batch_size = batch_size or BATCH_SIZE
     records = load_records(data_path)[:samples]
     if max_tokens is None:
         from .evaluate import default_max_tokens
@@ -455,26 +457,31 @@ def eval_cmd(models, data_path, samples, batch_size, max_tokens, dtype, n_exampl
 @main.command()
 @click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
 @click.option("--out", default="curves.png", show_default=True, help="Output image (.png, .pdf, .svg).")
+@click.option("--results", default=None, metavar="JSON", help="An `eval --json` file: adds a panel of "
+              "test accuracy against tokens per question.")
 @friendly_errors
-def plot(runs, out):
+def plot(runs, out, results):
     """Training loss and validation accuracy over steps, per stage (needs matplotlib)."""
     from .report import plot_runs
 
-    click.echo(f"wrote {plot_runs(runs, out)}")
+    click.echo(f"wrote {plot_runs(runs, out, results)}")
 
 
 @main.command()
-@click.option("--out", "out_dir", default="quickstart", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for weights, data, runs and the report.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Directory for weights, data, runs and the report [quickstart; quickstart-seedN "
+              "with --seed N].")
 @click.option("--budget", type=click.Choice(["default", "long", "small"]), default="default",
-              show_default=True, help="default: ~12 min on a 2-core CPU (1 epoch at stage 1); long: "
-              "~19 min, 3 epochs at stage 1 (reuses a default run's CoT/no-CoT in the same --out); "
-              "small: the CI smoke test.")
+              show_default=True, help="default: CoT, no-CoT and COCONUT (~19 min on a 2-core CPU); "
+              "long: the paper's Table 1 in miniature, with the controls and the whole curriculum "
+              "(reuses a default run's runs in the same --out); small: every row, tiny (the CI test).")
 @click.option("--small", is_flag=True, help="Same as --budget small.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Another draw of the same task: new questions in every split, data order, init.")
 @click.option("--force", is_flag=True, help="Retrain even if the runs in --out are complete.")
 @click.pass_context
 @friendly_errors
-def quickstart(ctx, out_dir, budget, small, force):
+def quickstart(ctx, out_dir, budget, small, seed, force):
     """The main job on an embedded default: SmolLM2-135M + synthetic problems; CoT, no-CoT and
     COCONUT trained with the same budget, evaluated side by side on held-out questions."""
     from . import quickstart as qs
@@ -488,11 +495,12 @@ def quickstart(ctx, out_dir, budget, small, force):
         except click.ClickException as e:
             raise UserError(f"quickstart step `mlx-coconut {' '.join(argv)}`: {e.format_message()}")
 
-    result = qs.run(out_dir, budget="small" if small else budget, force=force, invoke=invoke,
-                    log=click.echo)
+    result = qs.run(out_dir, budget="small" if small else budget, seed=seed, force=force,
+                    invoke=invoke, log=click.echo)
     click.echo(f"\n== generate --show-latents ({result['coconut']})")
     ctx.invoke(generate, model_path=result["coconut"], prompt=result["question"], show_latents=True,
                max_tokens=result["plan"].budget.max_tokens)
+    click.echo(f"\n== the table in miniature\n{result['table']}")
     click.echo(f"\n== what this shows\n{result['interpretation']}")
     click.echo(f"\nquickstart finished in {result['seconds'] / 60:.1f} min; report: "
                f"{result['report']}; every step: {result['record']}")

@@ -31,32 +31,61 @@ TASK = ("--min-steps", "2", "--max-steps", "2", "--ops", "add,sub", "--max-value
 
 
 @dataclass(frozen=True)
+class Row:
+    """One line of the table: a run trained from the model (`init` None) or from another row's run."""
+    key: str
+    name: str          # as printed in the table
+    flags: tuple       # the run's own `train` flags
+    init: str = None   # key of the row whose run it starts from
+    stage: int = 0
+
+
+# The paper's Table 1 rows, in its order. COCONUT's controls run the same schedule at the same stage.
+ROWS = {r.key: r for r in (
+    Row("cot", "CoT", ("--mode", "cot")),
+    Row("no-cot", "no-CoT", ("--mode", "no-cot")),
+    Row("coconut", "COCONUT", ("--mode", "coconut", "--stage", "1"), init="cot", stage=1),
+    Row("pause", "pause as thought", ("--mode", "pause", "--stage", "1"), init="cot", stage=1),
+    Row("no-thought", "w/o thought", ("--mode", "no-thought", "--stage", "1"), init="cot", stage=1),
+    Row("coconut-2", "COCONUT, whole curriculum", ("--mode", "coconut", "--stage", "2"),
+        init="coconut", stage=2),
+    Row("no-curriculum", "w/o curriculum", ("--mode", "coconut", "--stage", "2"), init="cot", stage=2),
+)}
+
+
+@dataclass(frozen=True)
 class Budget:
-    """One size of the quickstart: data, and the flags of the three training runs and the eval."""
+    """One size of the quickstart: data, the training flags, and which rows run."""
     train: int
     valid: int
     test: int
+    rows: tuple
     synth: tuple = TASK          # extra `data synth` flags (difficulty)
-    # flags shared by the CoT and no-CoT runs
+    # flags of every run from the model (CoT, no-CoT)
     train_flags: tuple = ("--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--bucket", "8")
-    # flags of the COCONUT run (started with --init from the CoT run)
-    latent_flags: tuple = ("--stage", "1", "--c-thought", "1", "--epochs", "1")
+    # flags of every latent-stage run (started with --init)
+    latent_flags: tuple = ("--c-thought", "1", "--epochs", "3")
     max_tokens: int = 24         # new tokens per answer at eval
-    coconut_run: str = "coconut"  # its own name, so budgets that differ only here share the rest
     note: str = ""
 
 
+DEFAULT_ROWS = ("cot", "no-cot", "coconut")
 BUDGETS = {
-    "default": Budget(train=400, valid=16, test=200, note="~12 minutes on a 2-core x86 CPU"),
-    # the same data, CoT and no-CoT runs; three epochs at stage 1 (official: 3 epochs per stage)
-    "long": Budget(train=400, valid=16, test=200, coconut_run="coconut-3ep",
-                   latent_flags=("--stage", "1", "--c-thought", "1", "--epochs", "3"),
-                   note="~19 minutes on a 2-core x86 CPU; ~13 after a default run in the same --out"),
-    "small": Budget(train=8, valid=2, test=4, synth=("--min-steps", "1", "--max-steps", "2"),
-                    max_tokens=12, note="CI smoke test: a few steps, ~1-3 minutes"),
+    "default": Budget(train=400, valid=100, test=200, rows=DEFAULT_ROWS,
+                      note="~19 minutes on a 2-core x86 CPU"),
+    # the same data and runs as default, plus the controls and the whole curriculum
+    "long": Budget(train=400, valid=100, test=200, rows=tuple(ROWS),
+                   note="~60 minutes on a 2-core x86 CPU; ~40 after a default run in the same --out"),
+    "small": Budget(train=8, valid=2, test=4, rows=tuple(ROWS), synth=("--min-steps", "1", "--max-steps", "2"),
+                    latent_flags=("--c-thought", "1", "--epochs", "1"), max_tokens=12,
+                    note="CI smoke test of every row: a few steps each, ~2-4 minutes"),
 }
-SEEDS = {"train": 0, "valid": 1, "test": 2}  # disjoint generators for the three splits
-RUNS = ("cot", "no-cot", "coconut")
+SPLITS = ("train", "valid", "test")
+
+
+def split_seeds(seed: int) -> dict:
+    """Disjoint `data synth` seeds for the three splits of quickstart seed N: 3N, 3N+1, 3N+2."""
+    return {split: 3 * seed + i for i, split in enumerate(SPLITS)}
 
 
 @dataclass
@@ -76,9 +105,10 @@ class Plan:
     out: Path
     budget_name: str
     budget: Budget
+    seed: int
     model: Path
     data: dict = field(default_factory=dict)
-    runs: dict = field(default_factory=dict)
+    runs: dict = field(default_factory=dict)   # row key -> run directory
     steps: list = field(default_factory=list)
 
 
@@ -90,50 +120,75 @@ def output(out: Path, budget_name: str, name: str) -> Path:
     return out / f"{stem}-{budget_name}.{ext}"
 
 
-def make_plan(out: Path, budget_name: str, gguf: Path) -> Plan:
-    """Every step of the quickstart as an `mlx-coconut` command line."""
+def make_plan(out: Path, budget_name: str, gguf: Path, seed: int = 0) -> Plan:
+    """Every step of the quickstart as an `mlx-coconut` command line. `seed` changes every random
+    choice (the three splits' questions, data order, initialisation), never the task."""
     from .convert.save import default_dtype
 
     b = BUDGETS[budget_name]
     dtype = default_dtype()
-    plan = Plan(out, budget_name, b, out / "weights" / f"smollm2-135m-instruct-{dtype}")
+    plan = Plan(out, budget_name, b, seed, out / "weights" / f"smollm2-135m-instruct-{dtype}")
     plan.steps.append(Step("convert", ["convert", "--hf-path", gguf, "--mlx-path", plan.model,
                                        "--dtype", dtype]))
-    plan.data = {split: out / "data" / f"{split}.json" for split in ("train", "valid", "test")}
-    for split, n in (("train", b.train), ("valid", b.valid), ("test", b.test)):
+    plan.data = {split: out / "data" / f"{split}.json" for split in SPLITS}
+    seeds = split_seeds(seed)
+    for split, n in zip(SPLITS, (b.train, b.valid, b.test)):
         exclude = [] if split == "train" else ["--exclude", plan.data["train"]]  # held out
-        plan.steps.append(Step(f"data {split}", ["data", "synth", "--n", n, "--seed", SEEDS[split],
+        plan.steps.append(Step(f"data {split}", ["data", "synth", "--n", n, "--seed", seeds[split],
                                                  *b.synth, *exclude, "--out", plan.data[split]]))
-    plan.runs = {name: out / "runs" / (b.coconut_run if name == "coconut" else name) for name in RUNS}
+    plan.runs = {key: out / "runs" / key for key in b.rows}
     common = ["--train", plan.data["train"], "--valid", plan.data["valid"], "--eval-samples", b.valid,
-              "--max-new-tokens", b.max_tokens, "--save-every", 0, "--seed", 0]
-    plan.steps.append(Step("train cot", ["train", "--model", plan.model, "--mode", "cot",
-                                         *common, *b.train_flags, "--out", plan.runs["cot"]]))
-    plan.steps.append(Step("train no-cot", ["train", "--model", plan.model, "--mode", "no-cot",
-                                            *common, *b.train_flags, "--out", plan.runs["no-cot"]]))
-    plan.steps.append(Step("train coconut", ["train", "--init", plan.runs["cot"], "--mode", "coconut",
-                                             *b.latent_flags, "--out", plan.runs["coconut"]]))
-    models = [a for name in RUNS for a in ("--model", plan.runs[name])]
+              "--max-new-tokens", b.max_tokens, "--save-every", 0, "--seed", seed]
+    for key in b.rows:
+        row = ROWS[key]
+        start = (["--model", plan.model, *common, *b.train_flags] if row.init is None else
+                 ["--init", plan.runs[row.init], *b.latent_flags])
+        plan.steps.append(Step(f"train {key}", ["train", *start, *row.flags, "--out", plan.runs[key]]))
+    models = [a for key in b.rows for a in ("--model", plan.runs[key])]
     plan.steps.append(Step("eval", ["eval", *models, "--data", plan.data["test"], "--max-tokens",
                                     b.max_tokens, "--report", output(out, budget_name, "report.md"),
                                     "--json", output(out, budget_name, "results.json")]))
-    plan.steps.append(Step("plot", ["plot", *[plan.runs[n] for n in RUNS],
+    plan.steps.append(Step("plot", ["plot", *plan.runs.values(), "--results",
+                                    output(out, budget_name, "results.json"),
                                     "--out", output(out, budget_name, "curves.png")]))
     return plan
 
 
-def _run_state(run: Path):
+# the flags a finished run must have been trained with for the quickstart to reuse it
+CHECKED = {"--seed": "seed", "--epochs": "epochs", "--stage": "stage", "--mode": "mode",
+           "--c-thought": "c_thought", "--batch-size": "batch_size", "--lr": "learning_rate"}
+
+
+def _existing_run(run: Path, argv: list):
+    """The run's record when `run` holds one trained with `argv`'s flags; None when there is none;
+    a one-line error when it was trained otherwise (another seed or budget in the same --out)."""
     from .checkpoint import read_run
 
     try:
-        return read_run(run)
+        record = read_run(run)
     except (UserError, OSError, ValueError):
         return None
+    if record is None:
+        return None
+    config = record.get("config", {})
+    argv = [str(a) for a in argv]
+    for flag, name in CHECKED.items():
+        if flag in argv and name in config:
+            want = argv[argv.index(flag) + 1]
+            have = config[name]
+            if (float(want) != float(have)) if isinstance(have, (int, float)) else str(want) != str(have):
+                raise UserError(f"{run}: trained with {flag} {have}, this quickstart needs {want} "
+                                f"(another --seed or an older quickstart in the same --out): use "
+                                f"another --out, or --force to retrain")
+    return record
 
 
 def execute(plan: Plan, invoke: Callable, log=print) -> None:
     """Run the plan's steps. Existing runs are continued with `train --resume` (which returns at once
-    when complete); the recorded command stays the plain one."""
+    when complete); the recorded command stays the plain one. Runs trained otherwise (another seed)
+    are refused before any step rewrites the data they were trained on."""
+    resumable = {step.label: _existing_run(plan.runs[step.label[len("train "):]], step.argv) is not None
+                 for step in plan.steps if step.label.startswith("train ")}
     for step in plan.steps:
         argv = [str(a) for a in step.argv]
         if step.label == "convert" and (plan.model / "config.json").exists():
@@ -144,10 +199,8 @@ def execute(plan: Plan, invoke: Callable, log=print) -> None:
             step.skipped = True
             log("\n== plot: skipped (pip install matplotlib to get curves.png)")
             continue
-        if step.label.startswith("train"):
-            run = Path(argv[argv.index("--out") + 1])
-            if _run_state(run) is not None:
-                argv = ["train", "--resume", "--out", str(run)]
+        if resumable.get(step.label):
+            argv = ["train", "--resume", "--out", str(plan.runs[step.label[len("train "):]])]
         log(f"\n== {step.label}: {step.command}")
         start = time.perf_counter()
         invoke(argv)
@@ -168,96 +221,154 @@ def _has_matplotlib() -> bool:
 GOALS = ("CoT accuracy >= 40%", "no-CoT >= 10 points below CoT",
          "COCONUT >= 80% of CoT's accuracy", "COCONUT >= no-CoT + 5 points",
          "COCONUT >= 30% fewer tokens than CoT")
+# the long table's goals: COCONUT against each control at the same stage, and the last stage
+CONTROL_GOALS = (("pause", "coconut", "COCONUT >= pause as thought + 10 points"),
+                 ("no-thought", "coconut", "COCONUT >= w/o thought + 10 points"),
+                 ("no-curriculum", "coconut-2", "whole curriculum >= w/o curriculum + 10 points"))
+LAST_STAGE_GOAL = "whole curriculum >= no-CoT + 10 points with <= 6 tokens per question"
 
 
-def summarize(results: dict) -> dict:
-    """CoT / no-CoT / COCONUT accuracy and tokens from an `eval --json` document, recounted from its
-    per-question records."""
-    by_mode = {}
-    for m in results["models"]:
+def summarize(results: dict, runs: dict) -> dict:
+    """{row key: {name, label, n, accuracy, tokens, stage}} from an `eval --json` document,
+    recounted from its per-question records; `runs` maps row keys to run directories."""
+    by_path = {str(Path(m["path"])): m for m in results["models"]}
+    rows = {}
+    for key, run in runs.items():
+        m = by_path.get(str(Path(run)))
+        if m is None:
+            raise UserError(f"results have no {key} model ({run})")
         ex = m["examples"]
         n = max(len(ex), 1)
-        by_mode[m["settings"]["mode"]] = {
-            "label": m["label"], "n": len(ex),
-            "accuracy": sum(e["correct"] for e in ex) / n,
-            "tokens": sum(e["n_generated"] + e["n_latents"] for e in ex) / n}
-    missing = [k for k in ("cot", "no-cot", "coconut") if k not in by_mode]
-    if missing:
-        raise UserError(f"results have no {', '.join(missing)} model")
-    return by_mode
+        rows[key] = {"name": ROWS[key].name, "label": m["label"], "n": len(ex), "stage": ROWS[key].stage,
+                     "accuracy": sum(e["correct"] for e in ex) / n,
+                     "tokens": sum(e["n_generated"] + e["n_latents"] for e in ex) / n}
+    return rows
 
 
 def goals(s: dict) -> list:
-    """[(goal, met)] for the five goals of the demonstration."""
+    """[(goal, met)] for the rows present: the five of the demonstration, then the long table's."""
     cot, nocot, coco = s["cot"], s["no-cot"], s["coconut"]
     saved = 1 - coco["tokens"] / cot["tokens"] if cot["tokens"] else 0.0
-    return list(zip(GOALS, (
+    met = list(zip(GOALS, (
         cot["accuracy"] >= 0.40,
         nocot["accuracy"] <= cot["accuracy"] - 0.10,
         coco["accuracy"] >= 0.8 * cot["accuracy"],
         coco["accuracy"] >= nocot["accuracy"] + 0.05,
         saved >= 0.30)))
+    for control, ref, goal in CONTROL_GOALS:
+        if control in s and ref in s:
+            met.append((goal, s[ref]["accuracy"] >= s[control]["accuracy"] + 0.10))
+    if "coconut-2" in s:
+        last = s["coconut-2"]
+        met.append((LAST_STAGE_GOAL, last["accuracy"] >= nocot["accuracy"] + 0.10 and last["tokens"] <= 6))
+    return met
 
 
-def interpret(results: dict) -> str:
-    """One paragraph that reads the numbers of an `eval --json` document."""
-    s = summarize(results)
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def interpret(results: dict, runs: dict) -> str:
+    """One paragraph that reads the numbers of an `eval --json` document, every row that ran."""
+    s = summarize(results, runs)
     cot, nocot, coco = s["cot"], s["no-cot"], s["coconut"]
     kept = coco["accuracy"] / cot["accuracy"] if cot["accuracy"] else 0.0
     saved = 1 - coco["tokens"] / cot["tokens"] if cot["tokens"] else 0.0
     gap = coco["accuracy"] - nocot["accuracy"]
     text = (f"On {cot['n']} held-out questions, COCONUT ({coco['label']}) answered "
-            f"{100 * coco['accuracy']:.1f}% correctly, {100 * kept:.0f}% of CoT's "
-            f"{100 * cot['accuracy']:.1f}%, with {100 * abs(saved):.0f}% "
-            f"{'fewer' if saved >= 0 else 'more'} tokens per question "
+            f"{_pct(coco['accuracy'])} correctly, {100 * kept:.0f}% of CoT's {_pct(cot['accuracy'])}, "
+            f"with {100 * abs(saved):.0f}% {'fewer' if saved >= 0 else 'more'} tokens per question "
             f"({coco['tokens']:.1f} vs {cot['tokens']:.1f}, continuous thoughts counted as tokens). "
             f"No-CoT, trained with the same budget to answer at once, reached "
-            f"{100 * nocot['accuracy']:.1f}%, so COCONUT is {100 * abs(gap):.1f} points "
+            f"{_pct(nocot['accuracy'])}, so COCONUT is {100 * abs(gap):.1f} points "
             f"{'above' if gap >= 0 else 'below'} it. ")
+    controls = [(s[c], s[r]) for c, r, _ in CONTROL_GOALS if c in s and r in s]
+    if controls:
+        text += "Controls at the same stage and schedule: " + "; ".join(
+            f"{c['name']} {_pct(c['accuracy'])} ({_points(r['accuracy'] - c['accuracy'])} for "
+            f"{r['name']})" for c, r in controls) + ". "
+    if "coconut-2" in s:
+        last = s["coconut-2"]
+        text += (f"With both steps as continuous thoughts (stage 2), COCONUT answered "
+                 f"{_pct(last['accuracy'])} with {last['tokens']:.1f} tokens per question, writing no "
+                 f"step. ")
     met = goals(s)
     missed = [g for g, ok in met if not ok]
-    text += ("All five goals are met." if not missed else
+    text += (f"All {len(met)} goals are met." if not missed else
              f"{len(met) - len(missed)} of {len(met)} goals are met; missed: {'; '.join(missed)}.")
     return text
+
+
+def _points(d: float) -> str:
+    return f"{100 * d:+.1f} points"
+
+
+def table(results: dict, runs: dict) -> str:
+    """The paper's Table 1 in miniature: one line per row, accuracy and tokens."""
+    s = summarize(results, runs)
+    width = max(len(r["name"]) for r in s.values()) + 2
+    lines = [f"{'method'.ljust(width)}stage  accuracy  tokens/question"]
+    for r in s.values():
+        lines.append(f"{r['name'].ljust(width)}{r['stage']:>5}  {_pct(r['accuracy']):>8}  {r['tokens']:>15.1f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- entry point
 
 
-def run(out_dir, budget: str = "default", force: bool = False, invoke: Callable = None,
+def default_out(seed: int) -> str:
+    return "quickstart" if seed == 0 else f"quickstart-seed{seed}"
+
+
+def run(out_dir, budget: str = "default", seed: int = 0, force: bool = False, invoke: Callable = None,
         log=print) -> dict:
-    """The whole quickstart → {"plan", "results", "interpretation", "seconds", "coconut"}."""
+    """The whole quickstart → {"plan", "results", "interpretation", "table", "seconds", "coconut", ...}."""
     from . import assets, blas
 
     if budget not in BUDGETS:
         raise UserError(f"--budget {budget}: choose from {', '.join(BUDGETS)}")
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0 (got {seed})")
     start = time.perf_counter()
-    out = Path(out_dir)
+    out = Path(out_dir if out_dir is not None else default_out(seed))
     if warning := blas.warning():
         log(warning)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create ({e.strerror or e})") from None
-    plan = make_plan(out, budget, assets.smollm2_gguf())
+    plan = make_plan(out, budget, assets.smollm2_gguf(), seed)
     if force:
         for d in plan.runs.values():
             shutil.rmtree(d, ignore_errors=True)
     b = plan.budget
-    log(f"quickstart ({budget}: {b.note}): SmolLM2-135M-Instruct, {b.train} synthetic training "
-        f"problems, {b.test} held-out test questions; CoT, no-CoT and COCONUT runs -> {out}")
+    log(f"quickstart ({budget}, seed {seed}: {b.note}): SmolLM2-135M-Instruct, {b.train} synthetic "
+        f"training problems, {b.test} held-out test questions; runs: "
+        f"{', '.join(ROWS[k].name for k in b.rows)} -> {out}")
     execute(plan, invoke, log)
     results = json.loads(output(out, budget, "results.json").read_text())
-    text = interpret(results)
+    text, rows = interpret(results, plan.runs), table(results, plan.runs)
     seconds = time.perf_counter() - start
-    record = {"budget": budget, "budget_flags": asdict(b), "seconds": round(seconds, 1),
+    record = {"budget": budget, "seed": seed, "budget_flags": asdict(b), "seconds": round(seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
               "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
               "steps": [{"label": s.label, "command": s.command, "seconds": round(s.seconds, 1),
                          "skipped": s.skipped} for s in plan.steps],
+              "rows": summarize(results, plan.runs),
+              "goals": [{"goal": g, "met": ok} for g, ok in goals(summarize(results, plan.runs))],
               "interpretation": text}
     output(out, budget, "quickstart.json").write_text(json.dumps(record, indent=2))
-    return {"plan": plan, "results": results, "interpretation": text, "seconds": seconds,
+    _append_to_report(output(out, budget, "report.md"), rows, text, output(out, budget, "curves.png"))
+    return {"plan": plan, "results": results, "interpretation": text, "table": rows, "seconds": seconds,
             "coconut": str(plan.runs["coconut"]), "report": str(output(out, budget, "report.md")),
             "record": str(output(out, budget, "quickstart.json")),
             "question": results["models"][0]["examples"][0]["question"]}
+
+
+def _append_to_report(report: Path, rows: str, text: str, picture: Path) -> None:
+    """The eval's report.md, then the table, the paragraph and the picture (when it was drawn)."""
+    lines = ["", "## The table in miniature", "", "```", rows, "```", "", "## What this shows", "", text, ""]
+    if picture.exists():
+        lines += [f"![learning curves and accuracy against tokens per question]({picture.name})", ""]
+    with report.open("a") as f:
+        f.write("\n".join(lines))

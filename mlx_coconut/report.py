@@ -38,7 +38,7 @@ class ModelResult:
         return self.text_tokens + self.thoughts
 
 
-MODE_NAMES = {"cot": "CoT", "coconut": "COCONUT", "no-cot": "no-CoT", "pause": "pause",
+MODE_NAMES = {"cot": "CoT", "coconut": "COCONUT", "no-cot": "no-CoT", "pause": "pause as thought",
               "no-thought": "w/o thought"}
 
 
@@ -259,10 +259,34 @@ def read_curves(run) -> dict:
     return {"run": str(run), "stage": stage, "steps": steps, "loss": loss, "eval": evals}
 
 
-def plot_runs(runs, out) -> Path:
+def read_points(results_json) -> list:
+    """[(label, tokens per question, accuracy %)] of an `eval --json` document."""
+    path = Path(results_json)
+    try:
+        models = json.loads(path.read_text())["models"]
+        return [(m["label"], m["mean_tokens"], 100 * m["accuracy"]) for m in models]
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path}: not an `mlx-coconut eval --json` document") from None
+
+
+def _plot_tradeoff(ax, points):
+    """The paper's trade-off: accuracy against tokens per question, one labelled point per model."""
+    for i, (label, tokens, accuracy) in enumerate(points):
+        ax.scatter([tokens], [accuracy], s=50, color=f"C{i}", zorder=3)
+        ax.annotate(label, (tokens, accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set(xlabel="tokens per question (text + continuous thoughts)", ylabel="test accuracy (%)",
+           title="accuracy vs tokens (held-out test)", ylim=(-2, 102))
+    ax.set_xlim(left=0, right=max(t for _, t, _ in points) * 1.35 + 1)
+
+
+def plot_runs(runs, out, results_json=None) -> Path:
     """Loss (and validation loss) and validation accuracy over optimizer steps, one colour per run.
-    Runs are laid end to end (stage 1 starts where stage 0 ended), as the curriculum runs them."""
+    Runs are laid end to end (stage 1 starts where stage 0 ended), as the curriculum runs them. With
+    `results_json` (an `eval --json` document) a third panel: accuracy against tokens per question."""
     curves = [read_curves(r) for r in runs]  # bad run directories are reported before a missing extra
+    points = read_points(results_json) if results_json else None
     try:
         import matplotlib
     except ImportError:
@@ -271,7 +295,10 @@ def plot_runs(runs, out) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if points else 2, figsize=(17 if points else 11, 4))
+    ax_loss, ax_acc = axes[:2]
+    if points:
+        _plot_tradeoff(axes[2], points)
     offset = 0
     for i, c in enumerate(curves):
         color = f"C{i}"
@@ -301,7 +328,7 @@ def plot_runs(runs, out) -> Path:
     ax_loss.set(xlabel="optimizer step", ylabel="loss (per label token)", title="loss")
     ax_acc.set(xlabel="optimizer step", ylabel="accuracy (%)", title="validation accuracy (greedy)",
                ylim=(-2, 102))
-    for ax in (ax_loss, ax_acc):
+    for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -36,7 +36,7 @@ from . import distributed
 from .coconut import collated_loss, loss_fn, supervised_rows
 from .data import MAX_C_THOUGHT, FormatConfig, MODES, SpecialIds, format_record, load_records, make_batch
 from .errors import UserError
-from .evaluate import evaluate, evaluate_sharded
+from .evaluate import BATCH_SIZE as EVAL_BATCH_SIZE, evaluate, evaluate_sharded
 from .options import (DEFAULTS, DTYPES, INHERITED, RESET_CHOICES, TrainConfig,  # noqa: F401 (re-exported)
                       config_from_dict)
 from .trainer import Callbacks, StepReport, train_loop
@@ -1099,12 +1099,12 @@ def end_of_epoch(model, tokenizer, settings, valid, vfcfg, special, cfg, epoch, 
         vex = [e for e in vex if len(e.input_ids) <= cfg.max_seq_length]
         vb = [vex[i:i + cfg.batch_size] for i in range(0, len(vex), cfg.batch_size)]
         entry["valid_loss"] = validation_loss(model, vb, special, cfg, dist)
+        batch = max(cfg.batch_size, EVAL_BATCH_SIZE)
         if dist is not None and dist.enabled:  # each rank generates for its share, results gathered
-            res = evaluate_sharded(dist, model, tokenizer, settings, valid,
-                                   batch_size=max(cfg.batch_size, 8), max_tokens=cfg.max_new_tokens)
+            res = evaluate_sharded(dist, model, tokenizer, settings, valid, batch_size=batch,
+                                   max_tokens=cfg.max_new_tokens)
         else:
-            res = evaluate(model, tokenizer, settings, valid, batch_size=max(cfg.batch_size, 8),
-                           max_tokens=cfg.max_new_tokens)
+            res = evaluate(model, tokenizer, settings, valid, batch_size=batch, max_tokens=cfg.max_new_tokens)
         entry.update(res.summary())
         entry["samples"] = res.examples[:5]
         log(f"epoch {epoch + 1}: valid loss {entry['valid_loss']:.4f} | accuracy {res.accuracy:.3f} "

@@ -210,6 +210,29 @@ def test_plot_writes_png(tmp_path):
     assert width > 800 and height > 300
 
 
+def test_plot_with_results_adds_the_tradeoff_panel(tmp_path):
+    """--results: a third panel, test accuracy against tokens per question, one point per model."""
+    pytest.importorskip("matplotlib")
+    from mlx_coconut.report import read_points
+
+    a = _fake_run(tmp_path / "stage0", 0, 20, 2.0)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"models": [
+        {"label": "Stage 0 (CoT)", "mean_tokens": 22.4, "accuracy": 0.5},
+        {"label": "Stage 1 (COCONUT)", "mean_tokens": 14.0, "accuracy": 0.45}]}))
+    assert read_points(results) == [("Stage 0 (CoT)", 22.4, 50.0), ("Stage 1 (COCONUT)", 14.0, 45.0)]
+    two, three = tmp_path / "two.png", tmp_path / "three.png"
+    assert _run(["plot", str(a), "--out", str(two)]).exit_code == 0
+    r = _run(["plot", str(a), "--results", str(results), "--out", str(three)])
+    assert r.exit_code == 0, r.output
+    width = lambda p: struct.unpack(">I", p.read_bytes()[16:20])[0]  # noqa: E731
+    assert width(three) > 1.4 * width(two)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"n": 3}))
+    r = _run(["plot", str(a), "--results", str(bad), "--out", str(three)])
+    assert r.exit_code == 2 and "not an `mlx-coconut eval --json` document" in r.output
+
+
 def test_plot_errors(tmp_path, monkeypatch):
     r = _run(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "c.png")])
     assert r.exit_code == 2 and "no such run directory" in r.output

@@ -17,13 +17,14 @@ from mlx_coconut.cli import main
 
 @pytest.mark.slow
 def test_quickstart_small(smollm2_gguf_path, tmp_path):
+    """--budget small runs every row of the long table end to end (a few steps each)."""
     out = tmp_path / "qs"
     r = CliRunner().invoke(main, ["quickstart", "--budget", "small", "--out", str(out)])
     assert r.exit_code == 0, r.output
     stdout = r.stdout
-    # the eval block with the three runs, and a generate --show-latents of the COCONUT run
-    for line in ("Stage 0 (CoT):      Accuracy = ", "Stage 0 (no-CoT):   Accuracy = ",
-                 "Stage 1 (COCONUT):  Accuracy = "):
+    # the eval block with every row, and a generate --show-latents of the COCONUT run
+    for line in ("Stage 0 (CoT):", "Stage 0 (no-CoT):", "Stage 1 (COCONUT):", "Stage 1 (pause as thought):",
+                 "Stage 1 (w/o thought):", "Stage 2 (COCONUT) [coconut-2]:", "Stage 2 (COCONUT) [no-curriculum]:"):
         assert line in stdout
     assert "<|start-latent|>" in stdout and "  thought 1  norm " in stdout
     assert "quickstart finished in" in stdout
@@ -31,17 +32,27 @@ def test_quickstart_small(smollm2_gguf_path, tmp_path):
     results = json.loads(quickstart.output(out, "small", "results.json").read_text())
     assert quickstart.output(out, "small", "results.json").name == "results-small.json"
     assert results["n"] == 4
-    assert [m["settings"]["mode"] for m in results["models"]] == ["cot", "no-cot", "coconut"]
-    # the printed paragraph is the one computed from results.json
+    assert [m["settings"]["mode"] for m in results["models"]] == [
+        "cot", "no-cot", "coconut", "pause", "no-thought", "coconut", "coconut"]
+    assert [m["settings"]["stage"] for m in results["models"]] == [0, 0, 1, 1, 1, 2, 2]
+    runs = {key: out / "runs" / key for key in quickstart.BUDGETS["small"].rows}
+    # the printed table and paragraph are the ones computed from results.json
     paragraph = stdout.split("== what this shows\n")[1].split("\n")[0]
-    assert paragraph == quickstart.interpret(results)
-    assert "| Stage 0 (no-CoT) |" in quickstart.output(out, "small", "report.md").read_text()
+    assert paragraph == quickstart.interpret(results, runs)
+    printed = stdout.split("== the table in miniature\n")[1].split("\n\n")[0]
+    assert printed == quickstart.table(results, runs)
+    report = quickstart.output(out, "small", "report.md").read_text()
+    assert "| Stage 0 (no-CoT) |" in report and paragraph in report and "w/o curriculum" in report
+    # the whole curriculum starts from the stage-1 run; w/o curriculum straight from CoT
+    assert json.loads((out / "runs" / "coconut-2" / "coconut.json").read_text())["init"].endswith("coconut")
+    assert json.loads((out / "runs" / "no-curriculum" / "coconut.json").read_text())["init"].endswith("cot")
 
     # quickstart.json: every step as a command line; rerunning one by hand gives the same file
     record = json.loads(quickstart.output(out, "small", "quickstart.json").read_text())
     labels = [s["label"] for s in record["steps"]]
-    assert labels[:7] == ["convert", "data train", "data valid", "data test", "train cot",
-                          "train no-cot", "train coconut"] and "eval" in labels
+    assert labels[:6] == ["convert", "data train", "data valid", "data test", "train cot",
+                          "train no-cot"] and "eval" in labels and "train no-curriculum" in labels
+    assert {g["goal"] for g in record["goals"]} >= set(quickstart.GOALS) | {quickstart.LAST_STAGE_GOAL}
     test_cmd = next(s["command"] for s in record["steps"] if s["label"] == "data test")
     argv = test_cmd.split()[1:]
     again = tmp_path / "again.json"
@@ -59,31 +70,110 @@ def test_quickstart_small(smollm2_gguf_path, tmp_path):
     # a second run continues: every run complete, nothing retrained
     r = CliRunner().invoke(main, ["quickstart", "--budget", "small", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert r.output.count("already complete") == 3
+    assert r.output.count("already complete") == len(runs)
+    # another seed in the same --out is refused in one line, nothing retrained or overwritten
+    r = CliRunner().invoke(main, ["quickstart", "--budget", "small", "--seed", "1", "--out", str(out)])
+    assert r.exit_code == 2 and "trained with --seed 0, this quickstart needs 1" in r.output
+    assert (out / "data" / "test.json").read_text() == again.read_text()
 
 
-def _results(cot, nocot, coco, coco_thoughts=1):
-    """An eval --json document with per-question records: (correct flags, generated tokens)."""
-    def model(mode, label, rows, thoughts):
-        return {"label": label, "settings": {"mode": mode},
-                "examples": [{"correct": c, "n_generated": g, "n_latents": thoughts} for c, g in rows]}
-    return {"models": [model("cot", "Stage 0 (CoT)", cot, 0), model("no-cot", "Stage 0 (no-CoT)", nocot, 0),
-                       model("coconut", "Stage 1 (COCONUT)", coco, coco_thoughts)]}
+def _argv_by_label(plan):
+    return {s.label: [str(a) for a in s.argv] for s in plan.steps}
+
+
+def test_seed_changes_the_splits_and_the_order_and_nothing_else(tmp_path):
+    """--seed N: new `data synth` seeds for the three splits and a new `train --seed`; every other
+    flag (the task, the budget) is the same."""
+    gguf = tmp_path / "m.gguf"
+    for budget in quickstart.BUDGETS:
+        a = _argv_by_label(quickstart.make_plan(tmp_path, budget, gguf, seed=0))
+        b = _argv_by_label(quickstart.make_plan(tmp_path, budget, gguf, seed=2))
+        assert a.keys() == b.keys()
+        for label in a:
+            diff = [i for i, (x, y) in enumerate(zip(a[label], b[label])) if x != y]
+            flags = {a[label][i - 1] for i in diff}
+            if label.startswith("data"):
+                assert flags == {"--seed"}, label
+            elif label.startswith("train") and "--model" in a[label]:
+                assert flags == {"--seed"} and b[label][b[label].index("--seed") + 1] == "2"
+            else:  # --init runs inherit the seed; eval and plot are the same commands
+                assert diff == [], label
+    seeds = [quickstart.split_seeds(n) for n in range(4)]
+    assert len({v for s in seeds for v in s.values()}) == 12  # disjoint across splits and seeds
+    assert quickstart.split_seeds(0) == {"train": 0, "valid": 1, "test": 2}  # seed 0: as before
+
+
+def test_a_run_of_another_seed_is_refused_before_any_step(tmp_path):
+    """The same --out with another --seed: one line, and no step runs (the data stay as trained)."""
+    from mlx_coconut.errors import UserError
+
+    plan = quickstart.make_plan(tmp_path, "default", tmp_path / "m.gguf", seed=1)
+    cot = plan.runs["cot"]
+    cot.mkdir(parents=True)
+    (cot / "coconut.json").write_text(json.dumps({"checkpoint": "ckpt-0000050",
+                                                  "config": {"seed": 0, "epochs": 1, "mode": "cot"}}))
+    calls = []
+    with pytest.raises(UserError, match="trained with --seed 0, this quickstart needs 1"):
+        quickstart.execute(plan, calls.append, log=lambda *a: None)
+    assert calls == []
+    same = quickstart.make_plan(tmp_path, "default", tmp_path / "m.gguf", seed=0)
+    quickstart.execute(same, calls.append, log=lambda *a: None)  # seed 0: resumed, not retrained
+    assert ["train", "--resume", "--out", str(cot)] in calls
+
+
+def test_seed_draws_other_questions(tmp_path):
+    from mlx_coconut.data import synth_records
+
+    task = dict(min_steps=2, max_steps=2, ops=("add", "sub"), max_value=20)
+    q0 = {r.question for r in synth_records(50, quickstart.split_seeds(0)["test"], **task)}
+    q1 = {r.question for r in synth_records(50, quickstart.split_seeds(1)["test"], **task)}
+    assert len(q0 & q1) < 10
+
+
+def _results(**rows):
+    """An eval --json document with per-question records: {key: (correct flags, tokens, thoughts)}."""
+    models = []
+    for key, (rows_, thoughts) in rows.items():
+        row = quickstart.ROWS[key]
+        models.append({"path": f"/r/{key}", "label": f"Stage {row.stage} ({row.name})",
+                       "settings": {"mode": row.flags[1]},
+                       "examples": [{"correct": c, "n_generated": g, "n_latents": thoughts} for c, g in rows_]})
+    return {"models": models}, {key: f"/r/{key}" for key in rows}
 
 
 def test_interpretation_recounts_the_records():
-    res = _results(cot=[(True, 20)] * 5 + [(False, 20)] * 5,      # 50%, 20 tokens
-                   nocot=[(True, 4)] * 2 + [(False, 4)] * 8,      # 20%
-                   coco=[(True, 11)] * 4 + [(False, 11)] * 6)     # 40%, 11 + 1 thought
-    text = quickstart.interpret(res)
+    res, runs = _results(cot=([(True, 20)] * 5 + [(False, 20)] * 5, 0),      # 50%, 20 tokens
+                         **{"no-cot": ([(True, 4)] * 2 + [(False, 4)] * 8, 0)},   # 20%
+                         coconut=([(True, 11)] * 4 + [(False, 11)] * 6, 1))       # 40%, 11 + 1 thought
+    text = quickstart.interpret(res, runs)
     assert "answered 40.0% correctly, 80% of CoT's 50.0%, with 40% fewer tokens" in text
     assert "(12.0 vs 20.0" in text and "reached 20.0%, so COCONUT is 20.0 points above it" in text
-    assert text.endswith("All five goals are met.")
-    res = _results(cot=[(True, 20)] * 3 + [(False, 20)] * 7, nocot=[(True, 4)] * 3 + [(False, 4)] * 7,
-                   coco=[(True, 30)] * 2 + [(False, 30)] * 8)
-    text = quickstart.interpret(res)
+    assert text.endswith("All 5 goals are met.")
+    res, runs = _results(cot=([(True, 20)] * 3 + [(False, 20)] * 7, 0),
+                         **{"no-cot": ([(True, 4)] * 3 + [(False, 4)] * 7, 0)},
+                         coconut=([(True, 30)] * 2 + [(False, 30)] * 8, 1))
+    text = quickstart.interpret(res, runs)
     assert "55% more tokens" in text and "10.0 points below it" in text
     assert "0 of 5 goals are met" in text and "CoT accuracy >= 40%" in text
+
+
+def test_interpretation_covers_every_row_of_the_long_table():
+    ten = lambda k, g: [(True, g)] * k + [(False, g)] * (10 - k)  # noqa: E731
+    res, runs = _results(cot=(ten(5, 20), 0), **{"no-cot": (ten(1, 4), 0)}, coconut=(ten(4, 11), 1),
+                         pause=(ten(3, 11), 1), **{"no-thought": (ten(1, 11), 0),
+                                                   "coconut-2": (ten(3, 3), 2), "no-curriculum": (ten(1, 3), 2)})
+    text = quickstart.interpret(res, runs)
+    assert "pause as thought 30.0% (+10.0 points for COCONUT)" in text
+    assert "w/o thought 10.0% (+30.0 points for COCONUT)" in text
+    assert "w/o curriculum 10.0% (+20.0 points for COCONUT, whole curriculum)" in text
+    assert "COCONUT answered 30.0% with 5.0 tokens per question" in text
+    # pause is exactly 10 points below: met; 5.0 tokens and +20 over no-CoT: the last stage's goal met
+    assert text.endswith("All 9 goals are met.")
+    res["models"][5]["examples"] = [dict(e, n_generated=5) for e in res["models"][5]["examples"]]
+    text = quickstart.interpret(res, runs)
+    assert text.endswith(f"8 of 9 goals are met; missed: {quickstart.LAST_STAGE_GOAL}.")
+    table = quickstart.table(res, runs).splitlines()
+    assert len(table) == 8 and table[7].split()[-3:] == ["2", "10.0%", "5.0"]
 
 
 def test_blas_warning_and_reexec_env(monkeypatch):
