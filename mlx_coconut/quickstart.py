@@ -64,7 +64,7 @@ class Budget:
     # flags of every run from the model (CoT, no-CoT)
     train_flags: tuple = ("--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--bucket", "8")
     # flags of every latent-stage run (started with --init)
-    latent_flags: tuple = ("--c-thought", "1", "--epochs", "3")
+    latent_flags: tuple = ("--c-thought", "2", "--epochs", "3")
     max_tokens: int = 24         # new tokens per answer at eval
     note: str = ""
 
@@ -77,7 +77,7 @@ BUDGETS = {
     "long": Budget(train=400, valid=100, test=200, rows=tuple(ROWS),
                    note="~60 minutes on a 2-core x86 CPU; ~40 after a default run in the same --out"),
     "small": Budget(train=8, valid=2, test=4, rows=tuple(ROWS), synth=("--min-steps", "1", "--max-steps", "2"),
-                    latent_flags=("--c-thought", "1", "--epochs", "1"), max_tokens=12,
+                    latent_flags=("--c-thought", "2", "--epochs", "1"), max_tokens=12,
                     note="CI smoke test of every row: a few steps each, ~2-4 minutes"),
 }
 SPLITS = ("train", "valid", "test")
