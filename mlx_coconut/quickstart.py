@@ -227,14 +227,12 @@ def interpret(results: dict) -> str:
 def run(out_dir, budget: str = "default", force: bool = False, invoke: Callable = None,
         log=print) -> dict:
     """The whole quickstart → {"plan", "results", "interpretation", "seconds", "coconut"}."""
-    from . import assets, blas
+    from . import assets
 
     if budget not in BUDGETS:
         raise UserError(f"--budget {budget}: choose from {', '.join(BUDGETS)}")
     start = time.perf_counter()
     out = Path(out_dir)
-    if warning := blas.warning():
-        log(warning)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
