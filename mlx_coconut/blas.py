@@ -128,12 +128,14 @@ def _load_with_mlx_libgfortran(path: str):
 
 
 def _mlx_libs_dir() -> Optional[Path]:
-    """mlx_cpu.libs beside the mlx package (libmlx's RPATH is $ORIGIN/../../mlx_cpu.libs)."""
+    """mlx_cpu.libs beside the mlx package (libmlx's RPATH is $ORIGIN/../../mlx_cpu.libs). `mlx` is
+    a namespace package: any directory named mlx on sys.path (the current one) is among its paths."""
     spec = importlib.util.find_spec("mlx")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))).parent / "mlx_cpu.libs"
-    return path if path.is_dir() else None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location).parent / "mlx_cpu.libs"
+        if path.is_dir():
+            return path
+    return None
 
 
 def choose(environ=os.environ) -> tuple:

@@ -124,3 +124,13 @@ def test_load_gives_blis_every_core(monkeypatch):
     monkeypatch.delenv("BLIS_NUM_THREADS")  # restored to unset afterwards
     assert blas.load({}, imported=False) == {"name": "blis", "path": "/b/libblis.so.4", "warning": ""}
     assert loaded == ["/b/libblis.so.4"] and os.environ["BLIS_NUM_THREADS"] == str(os.cpu_count() or 1)
+
+
+def test_mlx_libs_found_past_a_directory_named_mlx(monkeypatch, tmp_path):
+    """`mlx` is a namespace package: a directory named mlx in the current one comes first."""
+    from types import SimpleNamespace
+    for where in ("cwd/mlx", "site/mlx", "site/mlx_cpu.libs"):
+        (tmp_path / where).mkdir(parents=True)
+    spec = SimpleNamespace(submodule_search_locations=[str(tmp_path / "cwd/mlx"), str(tmp_path / "site/mlx")])
+    monkeypatch.setattr(blas.importlib.util, "find_spec", lambda name: spec)
+    assert blas._mlx_libs_dir() == tmp_path / "site/mlx_cpu.libs"
