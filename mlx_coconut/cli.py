@@ -508,8 +508,7 @@ def quickstart(ctx, out_dir, budget, small, seed, force):
 
 @main.command()
 def info():
-    """Versions, the device MLX computes on, and whether a fast BLAS is preloaded (Linux)."""
-    import os
+    """Versions, the device MLX computes on, and which BLAS it uses with its speed (Linux)."""
     import platform
     from importlib.metadata import version
 
@@ -521,16 +520,13 @@ def info():
                f"python {platform.python_version()}, {platform.system()} {platform.machine()}")
     click.echo(f"device: {mx.default_device()}")
     if sys.platform == "linux":
-        state = "preloaded" if blas.preloaded() else "NOT preloaded"
-        click.echo(f"fast BLAS: {state} (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r})")
+        click.echo(f"BLAS: {blas.describe()}")
+        click.echo(f"fp32 1024x1024x1024 matmul: {blas.matmul_gflops():.1f} GFLOP/s")
 
 
 def entry():
-    """The `mlx-coconut` console script: on Linux, re-executes once with OpenBLAS preloaded."""
-    from .blas import ensure_fast_blas
-
-    ensure_fast_blas()
-    main(prog_name="mlx-coconut")  # the same name after the re-exec as `python -m`
+    """The `mlx-coconut` console script (`import mlx_coconut` has already loaded a fast BLAS)."""
+    main(prog_name="mlx-coconut")
 
 
 # ---------------------------------------------------------------- fuse / serve

@@ -323,7 +323,7 @@ def default_out(seed: int) -> str:
 def run(out_dir, budget: str = "default", seed: int = 0, force: bool = False, invoke: Callable = None,
         log=print) -> dict:
     """The whole quickstart → {"plan", "results", "interpretation", "table", "seconds", "coconut", ...}."""
-    from . import assets, blas
+    from . import assets
 
     if budget not in BUDGETS:
         raise UserError(f"--budget {budget}: choose from {', '.join(BUDGETS)}")
@@ -331,8 +331,6 @@ def run(out_dir, budget: str = "default", seed: int = 0, force: bool = False, in
         raise UserError(f"--seed must be >= 0 (got {seed})")
     start = time.perf_counter()
     out = Path(out_dir if out_dir is not None else default_out(seed))
-    if warning := blas.warning():
-        log(warning)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

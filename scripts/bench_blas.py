@@ -1,16 +1,19 @@
 """BLAS choice for MLX on a Linux CPU: fp32 matmul GFLOP/s and a full training step per library.
 
 The Linux MLX wheel calls `cblas_sgemm`, resolved to its bundled reference BLAS unless another
-library is preloaded. One worker process per library (LD_PRELOAD set, plus thread settings), all
-started first, then asked in turn (A B C, C B A, ...) for the GFLOP/s of the matmul shapes of a
-SmolLM2 training step (the Linear forward `x @ W.T`, its input gradient `dy @ W` and weight gradient
-`dy.T @ x`, and the chunked output head) and for one full-weight stage-0 fwd+bwd step of 8 GSM8k
-records (`train.Stepper`, compiled, as in bench_torch.py). Results are checked against the first
-library's (matmul checksum, loss). Default libraries: whatever of reference / OpenBLAS / MKL (the
-`mkl` wheel, `pip install mkl`) / BLIS is found (`mlx_coconut.blas.candidates`).
+library is loaded first (`mlx_coconut/blas.py`). One worker process per library, with
+`MLX_COCONUT_BLAS` set to its path or name (or `reference`) plus thread settings, imports
+mlx_coconut, which loads it as every entry point does. All are started first, then asked in turn
+(A B C, C B A, ...) for the GFLOP/s of the matmul shapes of a SmolLM2 training step (the Linear
+forward `x @ W.T`, its input gradient `dy @ W` and weight gradient `dy.T @ x`, and the chunked
+output head) and for one full-weight stage-0 fwd+bwd step of 8 GSM8k records (`train.Stepper`,
+compiled, as in bench_torch.py). Results are checked against the first library's (matmul checksum,
+loss). Default libraries: the reference BLAS and whatever of the system's OpenBLAS, OpenBLAS from
+PyPI (`ngsolve-openblas`), MKL (the `mkl` wheel) and BLIS is found (`mlx_coconut.blas.candidates`).
 
     python scripts/bench_blas.py --repeats 3
     python scripts/bench_blas.py --lib openblas-1t=/usr/lib/x86_64-linux-gnu/libopenblas.so.0,OPENBLAS_NUM_THREADS=1
+    python scripts/bench_blas.py --no-step --lib reference= --lib pypi=openblas-pypi --lib system=$OB
 """
 
 import json
@@ -62,8 +65,12 @@ def gemm_rates(shapes, min_time=0.2):
 
 
 def worker(model_dir, batch_size, with_step):
-    """Serve JSON-line requests ("gemm", "step") in a process whose LD_PRELOAD picks the BLAS."""
+    """Serve JSON-line requests ("gemm", "step") in a process whose MLX_COCONUT_BLAS picks the BLAS."""
+    from mlx_coconut import blas  # before mlx.core: loads the library
     import mlx.core as mx
+
+    if blas.STATE["warning"]:
+        raise SystemExit(1)  # the library did not load (the line above says why)
     reply, sys.stdout = sys.stdout, sys.stderr
     step = None
     if with_step:
@@ -97,11 +104,13 @@ def default_libs():
 
 
 def parse_lib(spec):
-    """NAME=PATH[,VAR=VALUE...] → (name, (path, env))."""
+    """NAME=PATH[,VAR=VALUE...] → (name, (path, env)); PATH may be a name from blas.candidates()."""
     name, _, rest = spec.partition("=")
     path, *envs = rest.split(",")
-    if not name or (path and not os.path.exists(path)):
-        print(f"error: --lib {spec}: expected NAME=PATH[,VAR=VALUE...] with an existing PATH",
+    from mlx_coconut import blas
+    if not name or (path and not os.path.exists(path) and path not in blas.candidates()):
+        print(f"error: --lib {spec}: expected NAME=PATH[,VAR=VALUE...] with an existing PATH or the "
+              f"name of an installed library ({', '.join(blas.candidates()) or 'none'})",
               file=sys.stderr)
         raise SystemExit(2)
     return name, (path, dict(e.split("=", 1) for e in envs))
@@ -109,9 +118,8 @@ def parse_lib(spec):
 
 class Worker:
     def __init__(self, path, env, model_dir, batch_size, with_step):
-        env = {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, **env}
-        if path:
-            env["LD_PRELOAD"] = path
+        env = {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, **env,
+               "MLX_COCONUT_BLAS": path or "reference"}
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", str(model_dir), str(batch_size), str(int(with_step))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -134,7 +142,7 @@ def main(argv=None):
 
     p = bc.parser(__doc__.splitlines()[0], repeats=3)
     p.add_argument("--lib", action="append", default=None, metavar="NAME=PATH[,VAR=VAL...]",
-                   help="a library to preload (empty PATH: the bundled reference BLAS), with extra "
+                   help="a library to load (empty PATH: the bundled reference BLAS), with extra "
                    "environment variables; repeatable [default: every library found]")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names from: "
                    + ", ".join(SHAPES))
@@ -156,7 +164,7 @@ def main(argv=None):
     model_dir = bc.resolve_model(args.model)
     for name, (path, env) in libs.items():
         extra = " ".join(f"{k}={v}" for k, v in env.items())
-        print(f"  {name}: {path or '(bundled reference BLAS, no preload)'} {extra}")
+        print(f"  {name}: {path or '(bundled reference BLAS)'} {extra}")
     workers = {name: Worker(path, env, model_dir, args.batch_size, bool(path) and not args.no_step)
                for name, (path, env) in libs.items()}
     own = {name: (ref_shapes if not path else shapes) for name, (path, _) in libs.items()}

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import mlx_coconut  # noqa: F401  before anything imports mlx.core: loads the fast BLAS (blas.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-float32"
@@ -68,8 +70,8 @@ def machine() -> str:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         mem = float("nan")
-    blas = os.environ.get("LD_PRELOAD", "")
-    blas = f", LD_PRELOAD={os.path.basename(blas)}" if blas else ""
+    from mlx_coconut import blas as b
+    blas = f", BLAS {b.STATE['name']}" if b.STATE["name"] else ""
     try:
         load = " load avg %.2f" % os.getloadavg()[0]
     except OSError:

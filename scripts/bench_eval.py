@@ -23,10 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_common as bc  # noqa: E402  (first: it loads the fast BLAS)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-
-import bench_common as bc  # noqa: E402
 
 GOAL = 6.0
 

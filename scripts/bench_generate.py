@@ -17,10 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_common as bc  # noqa: E402  (first: it loads the fast BLAS)
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-
-import bench_common as bc  # noqa: E402
 
 GOAL_RATIO, GOAL_EFFICIENCY = 1.0, 0.6
 FALLBACK_PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "

@@ -24,10 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_common as bc  # noqa: E402  (first: it loads the fast BLAS)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-
-import bench_common as bc  # noqa: E402
 
 GOAL = 1.15
 STAGES = {"stage 0": (0, 1), "stage 1 (c=1)": (1, 1), "stage 3 (c=2)": (3, 2)}

@@ -14,7 +14,7 @@ torch is not a dependency of mlx-coconut: the torch side runs in a worker proces
 `--torch-python` (a Python that has torch and transformers; default: this one if it has them), so
 the MLX side stays in the project's environment and each side keeps its own thread pools.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python scripts/bench_torch.py \
+    python scripts/bench_torch.py \
         --torch-python /path/to/torchvenv/bin/python [--profile]
 """
 

@@ -27,10 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_common as bc  # noqa: E402  (first: it loads the fast BLAS)
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
-
-import bench_common as bc  # noqa: E402
 
 GOAL = 1.05
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import mlx_coconut  # noqa: F401  first, before anything imports mlx.core: the fast BLAS (blas.py)
 from mlx_coconut import assets
 from mlx_coconut.errors import UserError
 from helpers import tiny_setup

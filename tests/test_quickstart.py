@@ -1,17 +1,12 @@
 """The README's first command: `mlx-coconut quickstart` (its CI form, --budget small), the paragraph it
-prints, the recorded command lines, and the fast-BLAS re-exec of the console script."""
+prints and the recorded command lines."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from mlx_coconut import blas, quickstart
+from mlx_coconut import quickstart
 from mlx_coconut.cli import main
 
 
@@ -174,57 +169,3 @@ def test_interpretation_covers_every_row_of_the_long_table():
     assert text.endswith(f"8 of 9 goals are met; missed: {quickstart.LAST_STAGE_GOAL}.")
     table = quickstart.table(res, runs).splitlines()
     assert len(table) == 8 and table[7].split()[-3:] == ["2", "10.0%", "5.0"]
-
-
-def test_blas_warning_and_reexec_env(monkeypatch):
-    monkeypatch.setattr(blas.sys, "platform", "linux")
-    monkeypatch.setenv("LD_PRELOAD", "")
-    assert "OpenBLAS" in blas.warning()
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
-    assert blas.warning() == ""
-    assert blas.reexec_env({"LD_PRELOAD": "/x/libopenblas.so.0"}, "linux") is None
-    assert blas.reexec_env({}, "darwin") is None
-    assert blas.reexec_env({blas.OPT_OUT: "1"}, "linux") is None
-    lib = next(iter(blas.candidates().values()), None)
-    env = blas.reexec_env({"LD_PRELOAD": "/other.so"}, "linux")
-    assert env is None if lib is None else env["LD_PRELOAD"] == f"{lib}:/other.so"
-
-
-def test_blas_prefers_openblas_then_mkl_then_blis(monkeypatch, tmp_path):
-    (tmp_path / "lib").mkdir()
-    assert blas.find_mkl([tmp_path]) is None
-    for name in ("libmkl_rt.so.2", "libmkl_rt.so.3"):  # the mkl wheel's layout: <prefix>/lib
-        (tmp_path / "lib" / name).write_bytes(b"")
-    assert blas.find_mkl([tmp_path]) == str(tmp_path / "lib" / "libmkl_rt.so.3")
-    found = {"openblas": "/o/libopenblas.so.0", "mkl": "/p/lib/libmkl_rt.so.3",
-             "blis": "/b/blis-pthread/libblis.so.4"}
-    monkeypatch.setattr(blas, "find_openblas", lambda: found["openblas"])
-    monkeypatch.setattr(blas, "find_mkl", lambda: found["mkl"])
-    monkeypatch.setattr(blas, "find_blis", lambda: found["blis"])
-    assert list(blas.candidates()) == ["openblas", "mkl", "blis"]
-    for name in ("openblas", "mkl", "blis"):  # each in turn is the best one installed
-        env = blas.reexec_env({"LD_PRELOAD": "/other.so"}, "linux")
-        assert env["LD_PRELOAD"] == f"{found[name]}:/other.so" and env[blas.OPT_OUT] == "1"
-        assert ("BLIS_NUM_THREADS" in env) == (name == "blis")  # BLIS defaults to one thread
-        assert blas.reexec_env({"LD_PRELOAD": found[name]}, "linux") is None  # an explicit preload wins
-        found[name] = None
-    assert blas.reexec_env({}, "linux") is None
-    found["blis"] = "/b/blis-pthread/libblis.so.4"
-    assert blas.reexec_env({"BLIS_NUM_THREADS": "1"}, "linux")["BLIS_NUM_THREADS"] == "1"
-    monkeypatch.setattr(blas.sys, "platform", "linux")
-    monkeypatch.setenv("LD_PRELOAD", "")
-    found["blis"] = None
-    assert "mlx-coconut[mkl]" in blas.warning()
-
-
-@pytest.mark.skipif(sys.platform != "linux" or blas.find_openblas() is None,
-                    reason="needs Linux with OpenBLAS installed")
-def test_console_script_preloads_openblas_by_itself():
-    exe = shutil.which("mlx-coconut") or str(Path(sys.executable).parent / "mlx-coconut")
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.OPT_OUT)}
-    out = subprocess.run([exe, "info"], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "fast BLAS: preloaded" in out.stdout
-    env[blas.OPT_OUT] = "1"
-    out = subprocess.run([exe, "info"], env=env, capture_output=True, text=True, timeout=120)
-    assert "fast BLAS: NOT preloaded" in out.stdout
