@@ -259,9 +259,10 @@ def _load_lora(run: dict, ckpt: Path, tokenizer, dtype) -> Model:
     if (q := lora.get("quantization")) and not is_quantized(model):
         quantize_base(model, q["bits"], q["group_size"])
     apply_lora(model, lora, ids)
+    # the adapters and new-token rows train (and are saved) in fp32 whatever `dtype` is: a resumed
+    # run keeps them so (their forward casts to the base's dtype)
     adapters = load_safetensors(ckpt / "adapters.safetensors")
-    if dtype is not None:
-        adapters = {k: v.astype(dtype) for k, v in adapters.items()}
+    adapters = {k: v.astype(mx.float32) for k, v in adapters.items()}
     model.load_weights(list(adapters.items()), strict=False)
     mx.eval(model.parameters())
     model.eval()
