@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import make_shards, save_config
 
-from mlx_coconut.checkpoint import atomic_dir, remove_stale_temps
+from mlx_coconut.checkpoint import atomic_dir, disk_space_for, remove_stale_temps
 from mlx_coconut.errors import UserError
 
 from . import gguf, hf
@@ -125,8 +125,11 @@ def convert(src: str, mlx_path, dtype: str = None, quantize: bool = False, q_bit
         weights = quantize_weights(weights, q_group_size, q_bits)
         config["quantization"] = {"group_size": q_group_size, "bits": q_bits}
 
+    need = sum(v.nbytes for v in weights.values())  # lazy arrays: known before any is computed
+    if isinstance(tokenizer, Path):
+        need += sum((tokenizer / n).stat().st_size for n in hf.TOKENIZER_FILES if (tokenizer / n).is_file())
     log(f"writing {out}")
-    with atomic_dir(out) as tmp:
+    with disk_space_for(out, need), atomic_dir(out) as tmp:
         save_weights(tmp, weights)
         save_config(config, config_path=tmp / "config.json")
         if isinstance(tokenizer, Path):  # HF source: copy its tokenizer files untouched

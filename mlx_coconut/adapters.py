@@ -27,9 +27,9 @@ class ExtraRows(nn.Module):
         self.base.freeze()
         self._ids = [int(i) for i in ids]
         self._head = head
-        rows = base_rows(base, self._ids)
-        self.extra = rows.astype(mx.float32) if rows.dtype not in (mx.float32, mx.bfloat16,
-                                                                     mx.float16) else rows
+        # fp32 whatever the base's dtype, like mlx-lm's LoRA adapters: the rows are trained, and
+        # AdamW's updates are lost on a bf16 weight (docs/cli.md, "Precision")
+        self.extra = base_rows(base, self._ids).astype(mx.float32)
         # The new tokens are appended in order, so their ids are normally one contiguous run [a, b):
         # then the head writes only those n logit columns (a slice update, no full-vocab work beyond
         # the frozen base matmul) and the embedding picks rows with one gather + one where.
@@ -81,7 +81,8 @@ def _set_rows(w, ids, rows):
 
 def apply_lora(model: Model, lora: dict, new_ids) -> Model:
     """Freeze `model`, add mlx-lm LoRA layers to the last `lora["layers"]` blocks (attention + MLP
-    projections) and make the new-token rows of the embedding (and untied head) trainable."""
+    projections) and make the new-token rows of the embedding (and untied head) trainable. Every
+    trainable parameter is fp32 (mlx-lm creates the adapters so); the frozen base keeps its dtype."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     model.freeze()

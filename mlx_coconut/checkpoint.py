@@ -43,7 +43,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import apply_lora, is_quantized, model_config, model_weights, quantize_base
 from .data import FormatConfig, SpecialIds
-from .errors import UserError
+from .errors import MLX_WRITE_ERROR, UserError
 from .tokens import LATENT_TOKENS
 from .model import Model, load_model
 
@@ -259,9 +259,10 @@ def _load_lora(run: dict, ckpt: Path, tokenizer, dtype) -> Model:
     if (q := lora.get("quantization")) and not is_quantized(model):
         quantize_base(model, q["bits"], q["group_size"])
     apply_lora(model, lora, ids)
+    # the adapters and new-token rows train (and are saved) in fp32 whatever `dtype` is: a resumed
+    # run keeps them so (their forward casts to the base's dtype)
     adapters = load_safetensors(ckpt / "adapters.safetensors")
-    if dtype is not None:
-        adapters = {k: v.astype(dtype) for k, v in adapters.items()}
+    adapters = {k: v.astype(mx.float32) for k, v in adapters.items()}
     model.load_weights(list(adapters.items()), strict=False)
     mx.eval(model.parameters())
     model.eval()
@@ -288,6 +289,41 @@ def load_safetensors(file) -> dict:
     except (RuntimeError, ValueError) as e:
         raise UserError(f"{file}: cannot read ({str(e).splitlines()[0]}); the file is truncated or "
                         f"corrupt") from None
+
+
+def size_text(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def free_space(path) -> int:
+    """Free bytes on the filesystem that holds `path` (or would: its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_free_space(target, need: int):
+    free = free_space(target)
+    if need > free:
+        raise UserError(f"{target}: not enough disk space: needs {size_text(need)}, {size_text(free)} "
+                        f"free; nothing was written (free some space or choose another location)")
+
+
+@contextlib.contextmanager
+def disk_space_for(target, need: int):
+    """Around writing `need` bytes for `target`: one line before anything is written when the disk
+    has less free, and one line when it fills up meanwhile — MLX then raises RuntimeError "[write]
+    Unable to write N bytes to file.", not an OSError. The caller removes what was partly written."""
+    check_free_space(target, need)
+    try:
+        yield
+    except RuntimeError as e:
+        if not str(e).startswith(MLX_WRITE_ERROR):
+            raise
+        raise UserError(f"{target}: the disk filled up while writing it (needs {size_text(need)}, "
+                        f"{size_text(free_space(target))} free now); nothing was kept (free some space "
+                        f"and retry)") from None
 
 
 def base_fingerprint(model_dir) -> dict:
@@ -346,21 +382,23 @@ def save_checkpoint(run_dir, run: dict, model: Model, tokenizer, optimizer, stat
     tmp = run_dir / f".{name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    lora = run["weights"] == "lora"
+    weights = dict(tree_flatten(model.trainable_parameters())) if lora else model_weights(model)
+    opt = dict(tree_flatten(optimizer.state)) if optimizer is not None else {}
+    opt["__mx_random_state__"] = mx.random.state[0]
+    need = sum(v.nbytes for v in (*weights.values(), *opt.values()))  # + small tokenizer / json files
     try:
-        if run["weights"] == "lora":
-            adapters = dict(tree_flatten(model.trainable_parameters()))
-            mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
-        else:
-            mx.save_safetensors(str(tmp / "model.safetensors"), model_weights(model),
-                                metadata={"format": "mlx"})
-            (tmp / "config.json").write_text(json.dumps(model_config(model), indent=2))
-        hf = getattr(tokenizer, "_tokenizer", tokenizer)
-        hf.save_pretrained(str(tmp))
-        opt = dict(tree_flatten(optimizer.state)) if optimizer is not None else {}
-        opt["__mx_random_state__"] = mx.random.state[0]
-        _write_optimizer(tmp / "optimizer.safetensors", opt)
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        with disk_space_for(final, need):  # the previous checkpoint stays until this one is written
+            tmp.mkdir()
+            if lora:
+                mx.save_safetensors(str(tmp / "adapters.safetensors"), weights)
+            else:
+                mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+                (tmp / "config.json").write_text(json.dumps(model_config(model), indent=2))
+            hf = getattr(tokenizer, "_tokenizer", tokenizer)
+            hf.save_pretrained(str(tmp))
+            _write_optimizer(tmp / "optimizer.safetensors", opt)
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
         if final.exists():  # the same step saved again (e.g. epoch end right after --save-every)
             shutil.rmtree(final)
         os.replace(tmp, final)

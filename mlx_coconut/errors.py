@@ -19,6 +19,8 @@ class UserError(Exception):
 
 # mlx reports unreadable weight files as RuntimeError with these prefixes (C++ loaders, nlohmann json)
 _MLX_LOAD_ERRORS = ("[load", "[json.exception", "[safetensors", "[gguf")
+# ... and a failed write (a full disk) as RuntimeError "[write] Unable to write N bytes to file."
+MLX_WRITE_ERROR = "[write]"
 
 
 def os_error_line(e: OSError) -> str:
@@ -47,4 +49,6 @@ def describe(e: BaseException) -> Optional[str]:
         return f"a file is truncated or corrupt ({type(e).__name__}: {e})"
     if isinstance(e, (RuntimeError, ValueError)) and str(e).startswith(_MLX_LOAD_ERRORS):
         return f"cannot read a weights file: {str(e).splitlines()[0]}"
+    if isinstance(e, RuntimeError) and str(e).startswith(MLX_WRITE_ERROR):
+        return f"cannot write a weights file: {str(e).splitlines()[0]} (is the disk full?)"
     return None

@@ -27,7 +27,6 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
@@ -37,6 +36,7 @@ from .coconut import collated_loss, loss_fn, supervised_rows
 from .data import MAX_C_THOUGHT, FormatConfig, MODES, SpecialIds, format_record, load_records, make_batch
 from .errors import UserError
 from .evaluate import BATCH_SIZE as EVAL_BATCH_SIZE, evaluate, evaluate_sharded
+from .optimizer import make_optimizer, run_dtypes, set_optimizer_state, without_masters
 from .options import (DEFAULTS, DTYPES, INHERITED, RESET_CHOICES, TrainConfig,  # noqa: F401 (re-exported)
                       config_from_dict)
 from .trainer import Callbacks, StepReport, train_loop
@@ -250,14 +250,39 @@ def available_memory() -> Optional[int]:
     return None
 
 
+def lora_params(config: dict, cfg: TrainConfig) -> int:
+    """Trainable parameters of a LoRA run: rank-r A and B on the 7 projections of each LoRA block,
+    and the three new-token rows of the embedding (and untied head)."""
+    D, I, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    H = config["num_attention_heads"]
+    KV = config.get("num_key_value_heads") or H
+    hd = config.get("head_dim") or D // H
+    per_rank = 2 * (D + H * hd) + 2 * (D + KV * hd) + 3 * (D + I)  # q, o; k, v; gate, up, down
+    blocks = min(_given(cfg, "lora_layers") or L, L)
+    rows = 3 * D * (1 if config.get("tie_word_embeddings") else 2)
+    return _given(cfg, "lora_rank") * per_rank * blocks + rows
+
+
+def _given(cfg: TrainConfig, name: str):
+    value = getattr(cfg, name)
+    return DEFAULTS[name] if value is None else value
+
+
 def memory_estimate(config: dict, cfg: TrainConfig) -> tuple:
-    """(params, bytes before activations): full = weights + grads + 2 fp32 Adam moments."""
+    """(params, bytes before activations) of what training holds. Full: weights and gradients in
+    --dtype (summed over accumulated micro-batches in fp32), two fp32 AdamW moments, and fp32 masters
+    when --dtype is not fp32. LoRA: the frozen base (quantized: the bits plus a scale and a bias per
+    group) and the fp32 adapters and new-token rows with their gradients and moments."""
     p = count_params(config)
     w = DTYPES[cfg.dtype].size
-    if cfg.lora:
-        bits = cfg.q_bits or (config.get("quantization") or {}).get("bits")
-        return p, int(p * (bits / 8 if bits else w))
-    return p, p * (2 * w + 8)
+    if not cfg.lora:
+        grads = 4 if _given(cfg, "grad_accumulation_steps") > 1 else w
+        return p, p * (w + grads + 8 + (4 if w < 4 else 0))
+    quant = config.get("quantization") or {}
+    bits = cfg.q_bits or quant.get("bits")
+    group = (_given(cfg, "q_group_size") if cfg.q_bits else quant.get("group_size")) or 64
+    base = p * (bits / 8 + 2 * w / group) if bits else p * w
+    return p, int(base + lora_params(config, cfg) * (4 + 4 + 8))
 
 
 def warn_memory(model_dir: Path, cfg: TrainConfig, log):
@@ -271,7 +296,8 @@ def warn_memory(model_dir: Path, cfg: TrainConfig, log):
         return
     avail = available_memory()
     if avail is not None and need > avail:
-        what = "LoRA on the frozen base" if cfg.lora else "full fine-tuning (weights + grads + 2 fp32 Adam moments)"
+        what = "LoRA on the frozen base" if cfg.lora else \
+            "full fine-tuning (weights + grads + 2 fp32 Adam moments + fp32 masters below fp32)"
         log(f"warning: {what} of this {params / 1e9:.2f}B-parameter model needs ~{need / 1e9:.1f} GB "
             f"before activations, but only {avail / 1e9:.1f} GB is available; "
             + ("use --lora (LoRA) or --lora -q 4 (QLoRA)" if not cfg.lora else "use -q 4 (QLoRA)"))
@@ -750,7 +776,9 @@ def _optimizer_for(model, cfg: TrainConfig, init_run, opt_state, resume_state):
     if resume_state:
         set_optimizer_state(optimizer, opt_state)
     elif reset_cadence(cfg) == "never" and init_run is not None:  # carry the --init run's moments
-        set_optimizer_state(optimizer, ckpt.load_optimizer_state(cfg.init)[0])
+        # not its masters: they are its latest weights, and --init may have loaded RUN:best
+        saved = dict(_flat(ckpt.load_optimizer_state(cfg.init)[0]))
+        set_optimizer_state(optimizer, without_masters(saved))
     return optimizer
 
 
@@ -808,7 +836,7 @@ def _model_for(cfg: TrainConfig, init_run, resume_state, out: Path, log) -> tupl
 def _run_record(cfg: TrainConfig, record: dict, settings, special: SpecialIds, new: bool) -> dict:
     """coconut.json minus "checkpoint": how the run was trained and from what."""
     run_record = {**record, "settings": ckpt.settings_dict(settings), "config": asdict(cfg),
-                  "eos_id": special.eos,
+                  "dtypes": run_dtypes(cfg.dtype, record["weights"] == "lora"), "eos_id": special.eos,
                   "init": str(ckpt.split_ref(cfg.init)[0].resolve()) if cfg.init else None}
     run_record["config"]["resume"] = False
     run_record["config"]["stop_after_steps"] = None
@@ -820,9 +848,11 @@ def _run_record(cfg: TrainConfig, record: dict, settings, special: SpecialIds, n
 def _log_start(cfg: TrainConfig, record: dict, model, out: Path, n_records: int, log):
     n_params = sum(v.size for _, v in _flat(model.trainable_parameters()))
     qlora = " (QLoRA)" if record.get("lora") and record["lora"].get("quantization") else ""
+    dtypes = run_dtypes(cfg.dtype, record["weights"] == "lora")
+    masters = " (fp32 masters)" if dtypes["trainable"] != "float32" else ""
     log(f"training stage {cfg.stage} ({cfg.mode}, c={cfg.c_thought}) on {n_records} records, "
-        f"{record['weights']}{qlora} fine-tune, {n_params / 1e6:.2f}M trainable parameters, "
-        f"{cfg.dtype} -> {out}")
+        f"{record['weights']}{qlora} fine-tune, {n_params / 1e6:.2f}M trainable parameters "
+        f"({dtypes['trainable']}{masters}), {cfg.dtype} weights -> {out}")
 
 
 # ---------------------------------------------------------------- step function
@@ -940,7 +970,7 @@ class StageCallbacks(Callbacks):
 
     def begin_epoch(self, epoch, first, optimizer):
         if self.reset == "epoch" and epoch > 0 and first == 0:  # official reset_optimizer: every epoch
-            optimizer = make_optimizer(self.model, self.cfg)
+            optimizer = make_optimizer(self.model, self.cfg, previous=optimizer)  # keeps the masters
         self.bar.desc = f"stage {self.cfg.stage} epoch {epoch + 1}/{self.cfg.epochs}"
         mx.reset_peak_memory()
         if self.stepper is not None:
@@ -1044,41 +1074,12 @@ def _check_ranks(dist, model, records, valid, step, cfg, log):
         f"(≤ {math.ceil(cfg.batch_size / dist.size)} per rank), gradients all-summed each step")
 
 
-def make_optimizer(model, cfg: TrainConfig):
-    """torch's AdamW, as the official code uses: bias-corrected moments (MLX's default is uncorrected,
-    which makes the first updates after every reset ~3x larger) and decoupled weight decay."""
-    optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                            bias_correction=True)
-    optimizer.init(model.trainable_parameters())
-    return optimizer
-
-
 def reset_cadence(cfg: TrainConfig) -> str:
     """When the optimizer is re-created: every `epoch` (official latent stages), once per `stage` (a
     fresh optimizer for each run), or `never` (a run started with --init continues its optimizer)."""
     if cfg.reset_optimizer is not None:
         return cfg.reset_optimizer
     return "stage" if cfg.mode in ("cot", "no-cot") else "epoch"
-
-
-def set_optimizer_state(optimizer, saved: dict):
-    """Copy saved leaves into the freshly initialised state (keeps its exact tree structure)."""
-    from mlx.utils import tree_flatten
-    flat = dict(tree_flatten(saved))
-
-    def fill(node, prefix):
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        for k, v in list(items):
-            key = f"{prefix}{k}"
-            if isinstance(v, (dict, list)):
-                fill(v, key + ".")
-            elif key in flat:
-                node[k] = flat[key]
-
-    state = optimizer.state
-    fill(state, "")
-    optimizer.state = state
-    optimizer._initialized = True
 
 
 def _flat(tree):

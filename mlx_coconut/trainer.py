@@ -50,7 +50,8 @@ class Callbacks:
 class _Accumulator:
     """Micro-batches of one optimizer step, weighted by their supervised tokens: the summed gradient
     divided by the token count is the gradient of the whole batch, not a mean of per-batch means.
-    The sum is kept as `grads * weight`, so a step of one micro-batch does no arithmetic on it."""
+    The sum is kept as `grads * weight`, so a step of one micro-batch does no arithmetic on it; a sum
+    of several is fp32 (bf16 gradients of a bf16 model would lose the smaller micro-batches' bits)."""
 
     def __init__(self):
         self.grads, self.weight, self.loss, self.n, self.supervised, self.tokens = None, 0, 0.0, 0, 0, 0
@@ -61,7 +62,9 @@ class _Accumulator:
             self.grads, self.weight = grads, supervised
         else:
             w = self.weight
-            self.grads = tree_map(lambda a, b: a * w + b * supervised, self.grads, grads)
+            f32 = mx.float32
+            self.grads = tree_map(lambda a, b: a.astype(f32) * w + b.astype(f32) * supervised,
+                                  self.grads, grads)
             self.weight = 1
         loss = loss * supervised
         mx.eval(loss, self.grads)
@@ -77,7 +80,8 @@ class _Accumulator:
 
 def make_update(model, optimizer, use_compile: bool):
     """`update(grads, scale)`: one optimizer step on `grads * scale`, compiled with the model's and the
-    optimizer's state as mlx-lm's trainer compiles its step (the optimizer's elementwise math fused)."""
+    optimizer's state as mlx-lm's trainer compiles its step (the optimizer's elementwise math fused).
+    The optimizer (optimizer.py) keeps each weight's dtype: an fp32 scale may promote the gradients."""
     def update(grads, scale):
         optimizer.update(model, tree_map(lambda g: g * scale, grads))
 

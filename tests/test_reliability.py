@@ -304,6 +304,81 @@ def test_full_disk_on_data_convert_and_checkpoint_leaves_no_temp(tiny, tmp_path,
     assert [p.name for p in out.glob(".*") if p.name != ".lock"] == []
 
 
+@pytest.fixture()
+def small_disk(tmp_path):
+    """Mount a tmpfs of `size` bytes for the test: `small_disk(size)` → its directory. Needs root
+    (Linux); skipped where mounting is not permitted."""
+    mounted = []
+
+    def mount(size: int) -> Path:
+        mnt = tmp_path / f"disk{len(mounted)}"
+        mnt.mkdir()
+        try:
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                               capture_output=True, text=True)
+        except OSError as e:
+            pytest.skip(f"cannot mount a tmpfs here: {e}")
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _model_bytes(model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in model_dir.iterdir())
+
+
+def test_convert_onto_a_full_disk_is_one_line_and_leaves_nothing(tiny, small_disk, monkeypatch):
+    """A tmpfs half the size of the output: refused before writing, naming the path and the space;
+    and when the disk fills up during the write anyway (another writer: here the check is skipped),
+    MLX's RuntimeError "[write] ..." becomes the same kind of line, and nothing partial is left."""
+    need = _model_bytes(tiny["model"])
+    disk = small_disk(need // 2)
+    out = disk / "model"
+    one_line_error(*cli("convert", "--hf-path", tiny["model"], "--mlx-path", out, "--dtype", "float32"),
+                   str(out), "not enough disk space", "needs 0.", " MB, 0.")
+    assert list(disk.iterdir()) == []
+    monkeypatch.setattr(ckpt, "check_free_space", lambda *a: None)
+    one_line_error(*cli("convert", "--hf-path", tiny["model"], "--mlx-path", out, "--dtype", "float32"),
+                   str(out), "disk filled up")
+    assert list(disk.iterdir()) == []
+
+
+def test_checkpoint_onto_a_full_disk_is_one_line_and_leaves_no_checkpoint(tiny, small_disk, monkeypatch):
+    """train --out on a tmpfs too small for one checkpoint: one line naming the checkpoint and the
+    space it needs; no checkpoint, no temp directory; the same when the disk fills up mid-write."""
+    disk = small_disk(_model_bytes(tiny["model"]) // 2)  # the optimizer state alone is 2x the weights
+    args = ["train", "--model", tiny["model"], "--train", tiny["data"], "--epochs", "1",
+            "--eval-samples", "0", "--samples", "8", "--dtype", "float32"]
+    one_line_error(*cli(*args, "--out", disk / "run"), str(disk / "run" / "ckpt-0000001"),
+                   "not enough disk space", "needs ")
+    assert not ckpt.is_run_dir(disk / "run")
+    assert sorted(p.name for p in (disk / "run").iterdir()) == [".lock", "metrics.jsonl"]
+    monkeypatch.setattr(ckpt, "check_free_space", lambda *a: None)
+    one_line_error(*cli(*args, "--out", disk / "run2"), str(disk / "run2" / "ckpt-0000001"),
+                   "disk filled up")
+    assert sorted(p.name for p in (disk / "run2").iterdir()) == [".lock", "metrics.jsonl"]
+
+
+def test_free_space_is_checked_before_writing(tiny, tmp_path, monkeypatch):
+    """The same refusals from the free space the filesystem reports (any OS): before anything is
+    written, naming the output and the bytes it needs."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "model"
+    one_line_error(*cli("convert", "--hf-path", tiny["model"], "--mlx-path", out), str(out),
+                   "needs ", "0.0 MB free")
+    assert not out.exists() and [p for p in tmp_path.iterdir()] == []
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="not enough disk space"):
+        train.run(cfg(tiny, run, epochs=1, samples=8), log=quiet)
+    assert not ckpt.is_run_dir(run) and not list(run.glob(".ckpt-*")) and not list(run.glob("ckpt-*"))
+
+
 # ---------------------------------------------------------------- 8. stale temp dirs, SIGTERM
 
 
