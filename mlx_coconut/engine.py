@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .. import api, coconut
-from ..data import Templated
-from ..errors import UserError
+from . import api, coconut
+from .data import Templated
+from .errors import UserError
 
 
 @dataclass(eq=False)  # compared by identity

@@ -1,5 +1,5 @@
-"""Parsing OpenAI-style request bodies: every field type-checked and in range, or ApiError (a 400
-with an OpenAI-style JSON error). Bounded: the body size is checked before reading (server.py), JSON
+"""`serve`: parsing OpenAI-style request bodies: every field type-checked and in range, or ApiError (a 400
+with an OpenAI-style JSON error). Bounded: the body size is checked before reading (serve.py), JSON
 nesting by the parser's recursion limit, and NaN / Infinity / lone surrogates are refused here."""
 
 import json

@@ -1,11 +1,11 @@
-"""The HTTP layer of `mlx-coconut serve` (stdlib http.server): an OpenAI-compatible endpoint.
+"""`mlx-coconut serve`: an OpenAI-compatible HTTP endpoint for a COCONUT model (stdlib http.server).
 
     POST /v1/completions       {"prompt": "question" | ["q1", "q2"], "max_tokens", "temperature",
                                 "top_p", "stop", "stream", "thought_top_k"}
     POST /v1/chat/completions  {"messages": [...], same options}
     GET  /v1/models, GET /health
 
-Here: limits, checks (Host, Origin, API key) and replies; request bodies are parsed in `parse.py`,
+Here: limits, checks (Host, Origin, API key) and replies; request bodies are parsed in `request.py`,
 the model runs in `engine.Engine` (continuous batching, cancellation). Every prompt goes through the one
 formatter (`api.prompt_ids`; typed special tokens are text) and the one latent loop. Responses add a
 `coconut` object (mode, stage, c, number of continuous thoughts) and, with `"thought_top_k": k`, each
@@ -27,14 +27,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 from urllib.parse import quote
 
-from ..errors import UserError
 from .engine import Engine
-from .parse import MAX_BODY, ApiError, chat_messages, completion_prompts, parse_body, parse_options
+from .errors import UserError
+from .request import MAX_BODY, ApiError, chat_messages, completion_prompts, parse_body, parse_options
 
 BACKLOG = 128          # listen queue: a burst of clients waits for accept() instead of being reset
 MAX_CONNECTIONS = 64   # handler threads; past it a connection gets 503 + Retry-After
 TIMEOUT = 30.0         # seconds a socket read/write may stall (headers, body, idle keep-alive)
-POLL = 0.25            # seconds between checks that a waiting client is still connected
+POLL = 0.05            # seconds between checks that a waiting client is still connected (a select)
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
 
 
