@@ -18,7 +18,7 @@ import numpy as np
 
 from . import coconut
 from .checkpoint import Loaded, eos_ids, load  # noqa: F401  (re-exported)
-from .data import Record, SpecialIds, format_record, make_batch
+from .data import Record, SpecialIds, Templated, format_record, make_batch
 from .errors import UserError
 
 
@@ -38,12 +38,14 @@ def special_ids(loaded: Loaded) -> SpecialIds:
 
 
 def prompt_ids(loaded: Loaded, question) -> list:
-    """The eval prompt for a question string or a record ({question, steps, answer} / Record).
+    """The eval prompt for a question (a string, or a chat template's `Templated` rendering) or a
+    record ({question, steps, answer} / Record). Special-token strings in the text are encoded as
+    text (`data.encode_text`): a typed `<|latent|>` is characters, not a thought.
 
     The official eval prompt caps the thoughts at the record's number of steps. A bare question has
     no known steps, so it gets the count the stage was trained with: min(stage, max_latent_stage)·c."""
     config = loaded.settings.format_config()
-    if isinstance(question, str):
+    if isinstance(question, (str, Templated)):
         record = Record(question, [], "")
         config = dataclasses.replace(config, pad_latent_to_max=True, uniform_prob=0.0)
     else:

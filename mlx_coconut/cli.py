@@ -562,19 +562,27 @@ def fuse(run_dir, out, dequantize, upload_repo, force):
                    "[default: the last user message, as the model was trained].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Cast the weights (default: as stored; use float32 on a Linux CPU).")
+@click.option("--api-key", default=None, metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' (all routes but /health); use it beyond loopback.")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="A browser Origin allowed to call the server (repeatable; '*': any) [default: none].")
 @click.option("--quiet", is_flag=True, help="No per-request log lines.")
 @friendly_errors
-def serve(model_path, host, port, max_tokens, max_batch, chat_template, dtype, quiet):
+def serve(model_path, host, port, max_tokens, max_batch, chat_template, dtype, api_key, allow_origins, quiet):
     """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health."""
     import mlx.core as mx
 
     from . import api
-    from .serve import close_server, make_server
+    from .serve import close_server, exposure_warning, make_server
 
     if max_tokens < 1 or max_batch < 1 or not 0 <= port <= 65535:
         raise UserError("--max-tokens and --max-batch must be >= 1, --port in [0, 65535]")
     loaded = api.load(model_path, dtype=getattr(mx, dtype) if dtype else None)
-    server = make_server(loaded, host, port, max_batch, max_tokens, chat_template, quiet=quiet)
+    server = make_server(loaded, host, port, max_batch, max_tokens, chat_template, quiet=quiet,
+                         api_key=api_key, allow_origins=allow_origins)
+    warning = exposure_warning(host, api_key)
+    if warning:
+        click.echo(warning, err=True)
     s = loaded.settings
     click.echo(f"serving {model_path} ({s.mode}, stage {s.stage}, c={s.c_thought}) on "
                f"http://{host}:{server.server_address[1]}/v1 (Ctrl-C to stop)", err=True)

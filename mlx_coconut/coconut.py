@@ -150,34 +150,109 @@ class Generation:
     timings: dict = field(default_factory=dict)  # seconds: prefill+latent phase, text phase
 
 
+class DecodeBatch:
+    """Rows decoding together over one KV cache. Rows join between steps (`add` runs their prompts
+    through the latent phase in a cache of their own, then splices it in, left-padding whichever side
+    is shorter) and leave between steps (`keep`), so a server need not wait for a batch's longest row.
+
+    `logits` [B, V] hold each row's next-token scores; `step(sampler)` samples them, feeds the tokens
+    back and returns them (the next logits are computed asynchronously)."""
+
+    def __init__(self, model: Model, feedback: bool = True):
+        self.model, self.feedback = model, feedback
+        self.cache: Optional[KVCache] = None
+        self.logits: Optional[mx.array] = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.logits is None else self.logits.shape[0]
+
+    def add(self, prompts: list, latent_id: int, pad_id: int, max_tokens: int,
+            return_thoughts: bool = False) -> tuple:
+        """Prefill `prompts` (question + markers + latents) as new rows at the end of the batch
+        → (thoughts [b, n, D] or None, thought_mask [b, n] or None) of the new rows."""
+        batch = collate_prompts(prompts, pad_id)  # left-padded: every prompt ends in the last column
+        ids, left_pad = batch["input_ids"], batch["left_pad"]
+        latent_mask = ids == latent_id
+        # No padded row (bs=1, equal lengths): no mask and scalar positions, i.e. mlx-lm's decode path.
+        cache = self.model.make_cache(mx.array(left_pad) if left_pad.any() else None,
+                                      step=ids.shape[1] + max_tokens)
+        thoughts = [] if return_thoughts else None
+        hidden = continuous_forward(self.model, mx.array(ids), latent_mask, cache=cache,
+                                    feedback=self.feedback, thoughts=thoughts)
+        logits = self.model.logits(hidden[:, -1])
+        if self.size:
+            cache, logits = _join(self.cache, cache), mx.concatenate([self.logits, logits])
+        self.cache, self.logits = cache, logits
+        thought_mask = latent_mask[:, latent_mask.any(axis=0)] if return_thoughts else None
+        return (mx.stack(thoughts, axis=1) if thoughts else None), thought_mask
+
+    def keep(self, rows: list):
+        """Keep only `rows` (indices, in order) and drop the leading columns that are padding in
+        every row left, so a long-lived batch does not grow without bound."""
+        if not rows:
+            self.cache = self.logits = None
+            return
+        c, idx = self.cache, mx.array(rows)
+        trim = 0 if c.left_pad is None else int(c.left_pad[idx].min().item())
+        for layer in range(len(c.keys)):
+            c.keys[layer] = c.keys[layer][idx, :, trim:c.offset]
+            c.values[layer] = c.values[layer][idx, :, trim:c.offset]
+        c.offset -= trim
+        c.left_pad = None if c.left_pad is None else c.left_pad[idx] - trim
+        self.logits = self.logits[idx]
+
+    def logprobs(self) -> mx.array:
+        return self.logits - mx.logsumexp(self.logits, axis=-1, keepdims=True)
+
+    def step(self, sampler: Callable) -> mx.array:
+        """Sample one token per row and feed it back."""
+        token = sampler(self.logprobs())
+        self.feed(token)
+        return token
+
+    def feed(self, token: mx.array, *also):
+        self.logits = self.model.logits(self.model.hidden_states(token[:, None], self.cache)[:, -1])
+        mx.async_eval(self.logits, token, *also)  # the next step computes while the caller reads this one
+
+
+def _join(a: KVCache, b: KVCache) -> KVCache:
+    """One cache holding a's rows then b's: the one with fewer columns gets left padding (masked)."""
+    width = max(a.offset, b.offset)
+
+    def left_pad(c):
+        rows = c.keys[0].shape[0]
+        pad = mx.zeros((rows,), mx.int32) if c.left_pad is None else c.left_pad.astype(mx.int32)
+        return pad + (width - c.offset)
+
+    def padded(x, c):
+        x = x[:, :, :c.offset]
+        return mx.pad(x, [(0, 0), (0, 0), (width - c.offset, 0), (0, 0)]) if c.offset < width else x
+
+    out = KVCache(len(a.keys), mx.concatenate([left_pad(a), left_pad(b)]), step=a.step)
+    out.keys = [mx.concatenate([padded(x, a), padded(y, b)]) for x, y in zip(a.keys, b.keys)]
+    out.values = [mx.concatenate([padded(x, a), padded(y, b)]) for x, y in zip(a.values, b.values)]
+    out.offset = width
+    return out
+
+
 def generate(model: Model, prompts: list, latent_id: int, eos_ids, max_tokens: int = 64,
              pad_id: int = 0, sampler: Optional[Callable] = None, feedback: bool = True,
              return_thoughts: bool = False, on_token: Optional[Callable] = None,
              on_thoughts: Optional[Callable] = None) -> Generation:
-    """Batched latent-then-text generation with the KV cache.
+    """Batched latent-then-text generation with the KV cache (one `DecodeBatch`, all rows at once).
 
     Prompts are token-id lists (question + markers + latents, or plain questions for CoT); each row
     stops at its first EOS. `sampler(logprobs) -> ids` defaults to greedy; `on_token(step, ids)` is
     called with the [B] ids of each decoded step (for streaming); `on_thoughts(thoughts, mask)` once
     between the latent and the text phase (needs return_thoughts; not timed)."""
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-    batch = collate_prompts(prompts, pad_id)  # left-padded: every prompt ends in the last column
-    ids, left_pad = batch["input_ids"], batch["left_pad"]
-    latent_mask = ids == latent_id
-    B, T = ids.shape
-    # No padded row (bs=1, equal lengths): no mask and scalar positions, i.e. mlx-lm's decode path
-    # (saves the per-step mask ops).
-    cache = model.make_cache(mx.array(left_pad) if left_pad.any() else None, step=T + max_tokens)
-    thoughts = [] if return_thoughts else None
-
+    B = len(prompts)
+    batch = DecodeBatch(model, feedback)
     start = time.perf_counter()
-    hidden = continuous_forward(model, mx.array(ids), latent_mask, cache=cache, feedback=feedback,
-                                thoughts=thoughts)
-    logits = model.logits(hidden[:, -1])
-    mx.eval(logits)
+    thoughts, thought_mask = batch.add(prompts, latent_id, pad_id, max_tokens, return_thoughts)
+    mx.eval(batch.logits)
     latent_time = time.perf_counter() - start
-    thought_mask = latent_mask[:, latent_mask.any(axis=0)] if return_thoughts else None
-    thoughts = mx.stack(thoughts, axis=1) if thoughts else None
     if on_thoughts is not None:
         on_thoughts(thoughts, thought_mask)
 
@@ -185,11 +260,10 @@ def generate(model: Model, prompts: list, latent_id: int, eos_ids, max_tokens: i
     out, done = [], mx.zeros((B,), dtype=mx.bool_)
     start = time.perf_counter()
     for step in range(max_tokens):
-        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        token = sampler(batch.logprobs())
         token = mx.where(done, eos[0], token)         # finished rows keep emitting EOS
         done = done | (token[:, None] == eos[None]).any(axis=1)
-        logits = model.logits(model.hidden_states(token[:, None], cache)[:, -1])
-        mx.async_eval(logits, token, done)            # the next step computes while we read this one
+        batch.feed(token, done)
         out.append(token)
         if on_token is not None:
             on_token(step, np.array(token))

@@ -5,352 +5,206 @@
     POST /v1/chat/completions  {"messages": [...], same options}
     GET  /v1/models, GET /health
 
-Every prompt goes through the one formatter (`api.prompt_ids`), so the latent phase runs as trained,
-and through the one latent loop (`coconut.generate`). A single worker thread owns the model: it takes
-every prompt waiting (up to `max_batch`) and runs them as one left-padded batch; requests arriving
-while a batch runs wait for the next one (no joining mid-generation). HTTP handler threads only parse, tokenize and
-write responses. Responses add a `coconut` object (mode, stage, c, number of continuous thoughts) and,
-with `"thought_top_k": k`, each thought's top-k tokens through the output head.
+Here: limits, checks (Host, Origin, API key) and replies; request bodies are parsed in `request.py`,
+the model runs in `engine.Engine` (continuous batching, cancellation). Every prompt goes through the one
+formatter (`api.prompt_ids`; typed special tokens are text) and the one latent loop. Responses add a
+`coconut` object (mode, stage, c, number of continuous thoughts) and, with `"thought_top_k": k`, each
+thought's top-k tokens through the output head. Limits and the threat model: docs/serve.md.
 """
 
+import hmac
+import ipaddress
 import json
 import queue
+import re
+import select
+import socket
 import threading
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
+from urllib.parse import quote
 
-import mlx.core as mx
-import numpy as np
-
-from . import api, coconut
+from .engine import Engine
 from .errors import UserError
+from .request import MAX_BODY, ApiError, chat_messages, completion_prompts, parse_body, parse_options
 
-MAX_BODY = 8 << 20  # bytes of JSON per request
-MAX_PROMPTS = 64    # prompts per completion request
-
-
-class ApiError(Exception):
-    def __init__(self, message: str, status: int = 400, param: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.param = status, param
+BACKLOG = 128          # listen queue: a burst of clients waits for accept() instead of being reset
+MAX_CONNECTIONS = 64   # handler threads; past it a connection gets 503 + Retry-After
+TIMEOUT = 30.0         # seconds a socket read/write may stall (headers, body, idle keep-alive)
+POLL = 0.05            # seconds between checks that a waiting client is still connected (a select)
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
 
 
-@dataclass
-class Job:
-    """One prompt (one choice of one HTTP request) on its way through the worker."""
-    index: int
-    prompt_ids: list
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list
-    thought_top_k: int
-    events: queue.Queue                 # shared by the choices of one HTTP request
-    tokens: list = field(default_factory=list)
-    sent: int = 0                       # characters of the text already sent
-    done: bool = False
-
-
-# ---------------------------------------------------------------- request parsing
-
-
-def _get(body: dict, name: str, types, default=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        want = " or ".join(t.__name__ for t in types)
-        raise ApiError(f"'{name}' must be {want}, got {type(value).__name__}", param=name)
-    return value
-
-
-def parse_options(body: dict) -> dict:
-    """The sampling options of a completion or chat request, type-checked (→ ApiError 400)."""
-    max_tokens = _get(body, "max_completion_tokens", (int,), None)
-    max_tokens = _get(body, "max_tokens", (int,), max_tokens)
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError("'max_tokens' must be >= 1", param="max_tokens")
-    temperature = float(_get(body, "temperature", (int, float), 0.0))
-    if temperature < 0:
-        raise ApiError("'temperature' must be >= 0", param="temperature")
-    top_p = float(_get(body, "top_p", (int, float), 1.0))
-    if not 0 < top_p <= 1:
-        raise ApiError("'top_p' must be in (0, 1]", param="top_p")
-    stop = _get(body, "stop", (str, list), [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError("'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
-    if _get(body, "n", (int,), 1) != 1:
-        raise ApiError("only n = 1 is supported", param="n")
-    k = _get(body, "thought_top_k", (int,), 0)
-    if not 0 <= k <= 100:
-        raise ApiError("'thought_top_k' must be in [0, 100]", param="thought_top_k")
-    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
-            "thought_top_k": k, "stream": _get(body, "stream", (bool,), False)}
-
-
-def completion_prompts(body: dict) -> list:
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and 0 < len(prompt) <= MAX_PROMPTS and all(isinstance(p, str) for p in prompt):
-        return prompt
-    raise ApiError(f"'prompt' must be a string or a list of 1 to {MAX_PROMPTS} strings", param="prompt")
-
-
-def _text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):  # [{"type": "text", ...}]
-        return "".join(p.get("text", "") for p in content if p.get("type") == "text")
-    raise ApiError("message 'content' must be a string or a list of text parts", param="messages")
-
-
-def chat_messages(body: dict) -> list:
-    messages = body.get("messages")
-    if not (isinstance(messages, list) and messages
-            and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)):
-        raise ApiError("'messages' must be a non-empty list of {role, content} objects", param="messages")
-    return [{"role": m["role"], "content": _text(m.get("content", ""))} for m in messages]
-
-
-# ---------------------------------------------------------------- the worker
-
-
-def batch_sampler(jobs: list):
-    """One sampler for a batch whose rows may ask for different temperature / top_p: mlx-lm's
-    sampler per distinct setting, rows picked with a mask. None (greedy) when every row is greedy."""
-    from mlx_lm.sample_utils import make_sampler
-
-    groups = {}
-    for b, j in enumerate(jobs):
-        groups.setdefault((j.temperature, j.top_p) if j.temperature > 0 else (0.0, 1.0), []).append(b)
-    samplers = [(make_sampler(t, p), rows) for (t, p), rows in groups.items()]
-    if len(samplers) == 1:
-        return None if (0.0, 1.0) in groups else samplers[0][0]
-
-    def sample(logprobs):
-        out = None
-        for s, rows in samplers:
-            token = s(logprobs)
-            mask = mx.array(np.isin(np.arange(len(jobs)), rows))
-            out = token if out is None else mx.where(mask, token, out)
-        return out
-    return sample
-
-
-class Engine:
-    """The model, the tokenizer lock and the worker thread that batches queued jobs."""
-
-    def __init__(self, loaded, max_batch: int = 8, default_max_tokens: int = 256,
-                 chat_template: bool = False):
-        self.loaded, self.max_batch = loaded, max_batch
-        self.default_max_tokens, self.chat_template = default_max_tokens, chat_template
-        self.ids = api.special_ids(loaded)
-        self.eos = set(api.eos_ids(loaded.tokenizer))
-        self.context = loaded.model.args.max_position_embeddings
-        self.tok_lock = threading.Lock()  # the Rust tokenizer is shared by handler threads and the worker
-        self.pending: deque = deque()   # jobs waiting for the worker
-        self.cond = threading.Condition()
-        self.stopping = False
-        self.batch_sizes: list = []     # prompts per batch run, for tests and measurements
-        self.thread = threading.Thread(target=self._loop, name="coconut-worker", daemon=True)
-        self.thread.start()
-
-    # -- called from handler threads
-    def make_jobs(self, questions: list, opts: dict) -> list:
-        events: queue.Queue = queue.Queue()
-        jobs = []
-        for i, q in enumerate(questions):
-            with self.tok_lock:
-                ids = api.prompt_ids(self.loaded, q)
-            max_tokens = opts["max_tokens"] or min(self.default_max_tokens, max(self.context - len(ids), 1))
-            if len(ids) + max_tokens > self.context:
-                raise ApiError(f"prompt {i}: {len(ids)} prompt tokens + max_tokens {max_tokens} exceed "
-                               f"the context length {self.context}", param="prompt")
-            jobs.append(Job(i, ids, max_tokens, opts["temperature"], opts["top_p"], opts["stop"],
-                            opts["thought_top_k"], events))
-        return jobs
-
-    def chat_question(self, messages: list) -> str:
-        """The question the formatter gets: the last user message (the form the model was trained
-        on), or the whole conversation rendered by the tokenizer's chat template (--chat-template)."""
-        tok = self.loaded.tokenizer
-        if self.chat_template and getattr(tok, "chat_template", None):
-            with self.tok_lock:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-                adds_bos = tok.bos_token and tok.encode("x")[:1] == [tok.bos_token_id]
-            # the formatter encodes with special tokens: drop a BOS it would add a second time
-            return text[len(tok.bos_token):] if adds_bos and text.startswith(tok.bos_token) else text
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        if not users:
-            raise ApiError("'messages' has no user message", param="messages")
-        return users[-1]
-
-    def submit(self, jobs: list):
-        with self.cond:  # all prompts of one request at once, so they share a batch
-            self.pending.extend(jobs)
-            self.cond.notify()
-
-    def stop(self):
-        with self.cond:
-            self.stopping = True
-            self.cond.notify()
-        self.thread.join(timeout=60)
-
-    # -- the worker thread
-    def _loop(self):
-        while True:
-            with self.cond:
-                self.cond.wait_for(lambda: self.pending or self.stopping)
-                if self.stopping:
-                    return
-                batch = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
-            self.batch_sizes.append(len(batch))
-            try:
-                self._run(batch)
-            except Exception as e:  # keep serving; the batch's clients get a 500 with the reason
-                for j in batch:
-                    if not j.done:
-                        j.done = True
-                        j.events.put(("error", j.index, f"{type(e).__name__}: {e}"))
-
-    def _run(self, jobs: list):
-        loaded, tok = self.loaded, self.loaded.tokenizer
-
-        def on_thoughts(thoughts, mask):
-            for b, j in enumerate(jobs):
-                if j.thought_top_k and thoughts is not None:
-                    rows = thoughts[b][mx.array(np.flatnonzero(mask[b]))]
-                    j.events.put(("thoughts", j.index, api.describe_thoughts(loaded, rows, j.thought_top_k)))
-
-        def on_token(step, ids):
-            for j, t in zip(jobs, ids.tolist()):
-                self._advance(j, t)
-
-        pad = tok.pad_token_id if tok.pad_token_id is not None else self.ids.eos
-        want_thoughts = any(j.thought_top_k for j in jobs)
-        coconut.generate(loaded.model, [j.prompt_ids for j in jobs], self.ids.latent, sorted(self.eos),
-                         max(j.max_tokens for j in jobs), pad, batch_sampler(jobs),
-                         feedback=loaded.settings.mode != "pause", return_thoughts=want_thoughts,
-                         on_token=on_token, on_thoughts=on_thoughts if want_thoughts else None)
-        for j in jobs:
-            if not j.done:
-                self._finish(j, self._decode(j), "length")
-
-    def _decode(self, job) -> str:
-        with self.tok_lock:
-            return self.loaded.tokenizer.decode(job.tokens)
-
-    def _advance(self, job: Job, token: int):
-        """Add one generated token: send the text that is final, stop at EOS / a stop string /
-        max_tokens. Text that might still become a stop string or a multi-byte character is held."""
-        if job.done:
-            return
-        if token in self.eos:
-            return self._finish(job, self._decode(job), "stop")
-        job.tokens.append(token)
-        text = self._decode(job)
-        hits = [i for i in (text.find(s, max(0, job.sent - len(s) + 1)) for s in job.stop) if i >= 0]
-        if hits:
-            return self._finish(job, text[:min(hits)], "stop")
-        if len(job.tokens) >= job.max_tokens:
-            return self._finish(job, text, "length")
-        safe = len(text.rstrip("\ufffd"))
-        for s in job.stop:  # hold back a tail that is the start of a stop string
-            for n in range(min(len(s) - 1, safe - job.sent), 0, -1):
-                if text[safe - n:safe] == s[:n]:
-                    safe -= n
-                    break
-        if safe > job.sent:
-            job.events.put(("text", job.index, text[job.sent:safe]))
-            job.sent = safe
-
-    def _finish(self, job: Job, text: str, reason: str):
-        if len(text) > job.sent:
-            job.events.put(("text", job.index, text[job.sent:]))
-        job.done = True
-        job.events.put(("done", job.index, reason, len(job.tokens), text))
+class ClientGone(ConnectionError):
+    pass
 
 
 # ---------------------------------------------------------------- HTTP
 
 
+def _host_name(header: str) -> str:
+    """'Example.com:8080' → 'example.com', '[::1]:80' → '[::1]'."""
+    h = header.strip().lower().rstrip(".")
+    return h[:h.find("]") + 1] if h.startswith("[") else h.rsplit(":", 1)[0]
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mlx-coconut"
+    timeout = TIMEOUT                   # applied to the socket by StreamRequestHandler.setup
     engine: Engine = None
     model_id: str = ""
     quiet: bool = False
+    hosts: Optional[set] = None         # allowed Host names; None: any (bound to a wildcard address)
+    origins: frozenset = frozenset()    # allowed Origin values ("*": any)
+    api_key: Optional[str] = None
 
     def log_message(self, fmt, *args):
         if not self.quiet:
             super().log_message(fmt, *args)
 
-    def _send_json(self, status: int, obj: dict):
+    # -- replies
+    def send_response(self, code, message=None):
+        self.replied = True
+        super().send_response(code, message)
+
+    def end_headers(self):
+        self.send_header("X-Content-Type-Options", "nosniff")
+        origin = self.headers.get("Origin") if getattr(self, "headers", None) else None
+        if origin and self._origin_allowed(origin):
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def _send_json(self, status: int, obj: dict, *headers):
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in headers:
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
     def _error(self, e: ApiError):
         self.close_connection = True  # the body may be unread (411, 413): start afresh
         kind = "invalid_request_error" if e.status < 500 else "server_error"
+        auth = [("WWW-Authenticate", "Bearer")] if e.status == 401 else []
         self._send_json(e.status, {"error": {"message": str(e), "type": kind, "param": e.param,
-                                             "code": None}})
+                                             "code": None}}, *auth)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, header too long, unknown method) as JSON."""
+        self._error(ApiError(message or HTTPStatus(code).phrase, code))
+
+    # -- checks, and one wrapper so every request gets a reply
+    def _origin_allowed(self, origin: str) -> bool:
+        return "*" in self.origins or origin in self.origins
+
+    def _check(self, route: str):
+        host = self.headers.get("Host")
+        if self.hosts is not None and host is not None and _host_name(host) not in self.hosts:
+            raise ApiError("Host not allowed (a DNS-rebinding page?); use the bound address", 403)
+        origin = self.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin):
+            raise ApiError("Origin not allowed; start the server with --allow-origin", 403)
+        if self.api_key and route != "/health" and self.command != "OPTIONS":
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                raise ApiError("missing or wrong API key (Authorization: Bearer KEY)", 401)
+
+    def _handle(self, route_fn):
+        self.replied = False
+        route = self.path.split("?", 1)[0].rstrip("/")
+        try:
+            self._check(route)
+            route_fn(route)
+        except ApiError as e:
+            if not self.replied:
+                self._error(e)
+            self.close_connection = True
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True  # the client went away or stalled
+        except Exception as e:  # a bug must still answer, and not with a traceback
+            self.log_error("internal error: %s: %s", type(e).__name__, e)
+            if not self.replied:
+                self._error(ApiError(f"internal error: {type(e).__name__}", 500))
+            self.close_connection = True
+
+    def _no_route(self):
+        raise ApiError(f"no route {self.command} {quote(self.path[:200], safe='/')}", 404)
 
     def do_GET(self):
-        if self.path.rstrip("/") == "/health":
-            return self._send_json(200, {"status": "ok"})
-        if self.path.rstrip("/") == "/v1/models":
-            return self._send_json(200, {"object": "list", "data": [
-                {"id": self.model_id, "object": "model", "created": 0, "owned_by": "mlx-coconut"}]})
-        self._error(ApiError(f"no route GET {self.path}", 404))
+        self._handle(self._get)
 
     def do_POST(self):
-        route = self.path.rstrip("/")
+        self._handle(self._post)
+
+    def do_OPTIONS(self):  # a CORS preflight; _check has refused origins not allowed
+        self._handle(self._preflight)
+
+    def _preflight(self, route: str):
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.end_headers()
+
+    def _get(self, route: str):
+        if route == "/health":
+            return self._send_json(200, {"status": "ok"})
+        if route == "/v1/models":
+            return self._send_json(200, {"object": "list", "data": [
+                {"id": self.model_id, "object": "model", "created": 0, "owned_by": "mlx-coconut"}]})
+        self._no_route()
+
+    def _post(self, route: str):
+        if route not in ("/v1/completions", "/v1/chat/completions"):
+            self._no_route()
+        body = parse_body(self._read_body())
+        chat = route == "/v1/chat/completions"
+        opts = parse_options(body)
         try:
-            if route not in ("/v1/completions", "/v1/chat/completions"):
-                raise ApiError(f"no route POST {self.path}", 404)
-            body = self._read_json()
-            chat = route == "/v1/chat/completions"
-            opts = parse_options(body)
             questions = [self.engine.chat_question(chat_messages(body))] if chat else completion_prompts(body)
-            try:
-                jobs = self.engine.make_jobs(questions, opts)
-            except UserError as e:
-                raise ApiError(str(e)) from None
-        except ApiError as e:
-            return self._error(e)
+        except UserError as e:
+            raise ApiError(str(e), param="messages") from None
+        try:
+            jobs = self.engine.make_jobs(questions, opts)
+        except UserError as e:
+            raise ApiError(str(e), param="prompt") from None
         self.engine.submit(jobs)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.model_id}
         try:
             (self._stream if opts["stream"] else self._complete)(jobs, chat, meta)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; the worker finishes the batch regardless
+        finally:  # a client that left (or a write that failed) frees its rows at the next step
+            self.engine.cancel([j for j in jobs if not j.done])
 
-    def _read_json(self) -> dict:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise ApiError("a Content-Length header is required", 411) from None
-        if length > MAX_BODY:
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            raise ApiError("Transfer-Encoding is not supported: send a Content-Length", 411)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError("a Content-Length header is required", 411)
+        if not re.fullmatch(r"[0-9]{1,12}", length.strip()):  # int() would take "-1", "+5", "1_0"
+            raise ApiError(f"invalid Content-Length {length[:40]!r}")
+        if int(length) > MAX_BODY:
             raise ApiError(f"request body over {MAX_BODY} bytes", 413)
-        raw = self.rfile.read(length)
+        raw = self.rfile.read(int(length))  # the socket timeout bounds a stalled body
+        if len(raw) < int(length):
+            raise ClientGone("body shorter than its Content-Length")
+        return raw
+
+    def _client_gone(self) -> bool:
+        """The peer closed its end (a readable socket with nothing to read)."""
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(f"malformed JSON body: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError("the JSON body must be an object")
-        return body
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _coconut(self, jobs: list) -> dict:
         s = self.engine.loaded.settings
@@ -358,10 +212,16 @@ class Handler(BaseHTTPRequestHandler):
                 "num_thoughts": jobs[0].prompt_ids.count(self.engine.ids.latent)}
 
     def _events(self, jobs: list):
-        """Yield worker events until every choice is done; a worker error ends as ApiError(500)."""
+        """Yield worker events until every choice is done; a worker error ends as ApiError(500), a
+        client that disconnects while waiting as ClientGone."""
         pending = len(jobs)
         while pending:
-            event = jobs[0].events.get()
+            try:
+                event = jobs[0].events.get(timeout=POLL)
+            except queue.Empty:
+                if self._client_gone():
+                    raise ClientGone("the client disconnected") from None
+                continue
             if event[0] == "error":
                 raise ApiError(f"generation failed: {event[2]}", 500)
             pending -= event[0] == "done"
@@ -369,19 +229,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _complete(self, jobs: list, chat: bool, meta: dict):
         choices = [{"index": j.index, "finish_reason": None} for j in jobs]
-        try:
-            for kind, index, *rest in self._events(jobs):
-                if kind == "thoughts":
-                    choices[index]["thoughts"] = rest[0]
-                elif kind == "done":
-                    reason, _, text = rest
-                    choices[index]["finish_reason"] = reason
-                    if chat:
-                        choices[index]["message"] = {"role": "assistant", "content": text}
-                    else:
-                        choices[index].update(text=text, logprobs=None)
-        except ApiError as e:
-            return self._error(e)
+        for kind, index, *rest in self._events(jobs):
+            if kind == "thoughts":
+                choices[index]["thoughts"] = rest[0]
+            elif kind == "done":
+                reason, _, text = rest
+                choices[index]["finish_reason"] = reason
+                if chat:
+                    choices[index]["message"] = {"role": "assistant", "content": text}
+                else:
+                    choices[index].update(text=text, logprobs=None)
         prompt = sum(len(j.prompt_ids) for j in jobs)
         completion = sum(len(j.tokens) for j in jobs)
         self._send_json(200, {**meta, "object": "chat.completion" if chat else "text_completion",
@@ -424,25 +281,78 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+class Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a deep listen backlog and at most `max_connections` handler threads;
+    a connection past that gets 503 + Retry-After at once (from the accepting thread)."""
+    request_queue_size = BACKLOG
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS):
+        self.slots = threading.BoundedSemaphore(max_connections)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if self.slots.acquire(blocking=False):
+            return super().process_request(request, client_address)
+        body = json.dumps({"error": {"message": "server busy: too many connections, retry later",
+                                     "type": "server_error", "param": None, "code": None}}).encode()
+        try:
+            request.settimeout(0.2)
+            request.recv(1 << 16)  # read the request first: closing over unread data resets the reply
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
+                            b"Content-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
+def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
+    """A warning when binding beyond loopback without --api-key, else None."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback or api_key:
+        return None
+    return (f"warning: serving on {host or '*'} without --api-key: anyone who can reach this address "
+            f"can use the model")
+
+
 def make_server(loaded, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8,
                 max_tokens: int = 256, chat_template: bool = False, model_id: Optional[str] = None,
-                quiet: bool = False) -> ThreadingHTTPServer:
+                quiet: bool = False, api_key: Optional[str] = None, allow_origins=(),
+                max_connections: int = MAX_CONNECTIONS, timeout: float = TIMEOUT) -> Server:
     """A ready server (not yet serving): `server.serve_forever()`, then `close_server(server)`.
     port=0 picks a free port (`server.server_address[1]`)."""
+    bound = f"[{host}]" if ":" in host else host
     engine = Engine(loaded, max_batch, max_tokens, chat_template)
     handler = type("CoconutHandler", (Handler,), {
-        "engine": engine, "model_id": model_id or loaded.path.name, "quiet": quiet})
+        "engine": engine, "model_id": model_id or loaded.path.name, "quiet": quiet,
+        "hosts": None if _is_wildcard(host) else LOOPBACK_NAMES | {bound.lower()},
+        "origins": frozenset(allow_origins), "api_key": api_key or None, "timeout": timeout})
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        server = Server((host, port), handler, max_connections)
     except OSError as e:
         engine.stop()
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
-    server.daemon_threads = True
     server.engine = engine
     return server
 
 
-def close_server(server: ThreadingHTTPServer):
+def close_server(server: Server):
     server.shutdown()
     server.server_close()
     server.engine.stop()

@@ -103,8 +103,8 @@ def test_seed_example_llama3_ids(llama3):
 
 def test_invariant_reports_mismatch():
     class Merging(D.TextTokenizer):  # merges "\n<" into one token: parts != whole
-        def encode(self, text, add_special_tokens=False):
-            return super().encode(text.replace("\n<", "\x00"), add_special_tokens)
+        def encode(self, text, **kw):
+            return super().encode(text.replace("\n<", "\x00"), **kw)
 
     ok, detail = D.check_tokenization_invariant(SEED, Merging())
     assert not ok and "differ" in detail
@@ -137,6 +137,17 @@ def test_modes(text_tok):
                                           + "<|end-latent|><<2+1=3>>\n### 7<eos>")
     nothought = format_record(r, tok, FormatConfig("no-thought", stage=2), ids)
     assert tok.decode(nothought.input_ids) == "q?\n<<2+1=3>>\n### 7<eos>"
+
+
+def test_data_file_text_is_text(text_tok):
+    """A question, step or answer from a data file that contains the markers or <eos> is encoded as
+    those characters: the only control tokens are the ones the stage inserts (by id)."""
+    tok, ids = text_tok
+    typed = Record("q <|latent|><|start-latent|>?", ["<|end-latent|>1<eos>"], "7<eos>")
+    ex = format_record(typed, tok, FormatConfig("coconut", stage=1, c_thought=2), ids)
+    control = [i for i in ex.input_ids if i in (ids.start_latent, ids.latent, ids.end_latent, ids.eos)]
+    assert control == [ids.start_latent, ids.latent, ids.latent, ids.end_latent, ids.eos]
+    assert tok.decode(ex.prompt_ids).startswith("q <|latent|><|start-latent|>?\n<|start-latent|>")
 
 
 def test_past_max_stage_and_asymmetry(text_tok):

@@ -119,3 +119,23 @@ def test_api_prompts_batching_and_sampling(stage1):
         mx.random.seed(7)
         sampled.append([a.tokens for a in generate_answers(loaded, qs, max_tokens=5, temp=1.0)])
     assert sampled[0] == sampled[1] and sampled[0] != [a.tokens for a in alone]
+
+
+TYPED = PROMPT + " <|start-latent|><|latent|><|latent|><|latent|><|end-latent|> <eos> <pad>"
+
+
+def test_typed_special_tokens_are_text(stage1):
+    """A prompt that types the latent markers or EOS gets the thoughts its stage prescribes (2 here),
+    never more, and no control token from its text: in the API and in `generate --prompt`."""
+    from mlx_coconut import generate_answers, load, prompt_ids
+
+    path, _, v = stage1
+    loaded = load(path)
+    ids = prompt_ids(loaded, TYPED)
+    control = [v[t] for t in ("<|start-latent|>", "<|latent|>", "<|end-latent|>", "<eos>", "<pad>")]
+    assert [i for i in ids if i in control] == [v["<|start-latent|>"]] + [v["<|latent|>"]] * 2 + [v["<|end-latent|>"]]
+    [answer] = generate_answers(loaded, [TYPED], max_tokens=2)
+    assert answer.prompt_ids == ids
+    r = run("--model", path, "--prompt", TYPED, "--json", "--max-tokens", 2)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["prompt_ids"] == ids

@@ -95,12 +95,41 @@ def add_latent_special_ids(tokenizer, eos_id: Optional[int] = None) -> SpecialId
     return SpecialIds(start, latent, end, int(eos))
 
 
+def encode_text(tokenizer, text: str, add_special_tokens: bool = False) -> list:
+    """Ids of text from a user or a data file. Special-token strings in it (`<|latent|>`, BOS, EOS,
+    `<|im_start|>`...) are encoded as the characters they are, never as control tokens: the thoughts
+    a prompt gets are the ones its stage prescribes (inserted by id in `format_tokenized`), and a
+    typed EOS cannot end a question. Text without such strings gets the ids of a plain encode."""
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True))
+
+
+@dataclass(frozen=True)
+class Templated:
+    """A question rendered by a chat template: `parts` are (text, is_template) pairs. Template text
+    keeps its special tokens (`<|im_start|>`); message text is encoded as text."""
+    parts: tuple
+
+
+def question_ids(tokenizer, question) -> list:
+    """The one place a question becomes token ids: `question + "\n"` with the tokenizer's special
+    tokens (BOS for Llama 3), its text encoded by `encode_text`. A `Templated` question gets the
+    same leading special tokens, then each part (the last one + "\n") in turn."""
+    if isinstance(question, str):
+        return encode_text(tokenizer, question + "\n", add_special_tokens=True)
+    ids = list(tokenizer.encode("", add_special_tokens=True))
+    last = len(question.parts) - 1
+    for i, (text, template) in enumerate(question.parts):
+        text += "\n" if i == last else ""
+        ids += tokenizer.encode(text, add_special_tokens=False) if template else encode_text(tokenizer, text)
+    return ids
+
+
 def tokenize_record(record: Record, tokenizer, eos_id: int) -> TokenizedRecord:
-    """Tokenize the parts separately, exactly like the official `get_dataset`."""
+    """Tokenize the parts separately, exactly like the official `get_dataset` (text as text)."""
     return TokenizedRecord(
-        question=list(tokenizer.encode(record.question + "\n", add_special_tokens=True)),
-        steps=[list(tokenizer.encode(s + "\n", add_special_tokens=False)) for s in record.steps],
-        answer=list(tokenizer.encode("### " + record.answer, add_special_tokens=False)) + [eos_id],
+        question=question_ids(tokenizer, record.question),
+        steps=[encode_text(tokenizer, s + "\n") for s in record.steps],
+        answer=encode_text(tokenizer, "### " + record.answer) + [eos_id],
     )
 
 
@@ -183,10 +212,9 @@ def check_tokenization_invariant(record: Record, tokenizer) -> tuple:
     the formatted input differ from what the model sees in plain text).
     """
     whole = record.question + "\n" + "".join(s + "\n" for s in record.steps) + "### " + record.answer
-    whole_ids = list(tokenizer.encode(whole, add_special_tokens=True))
-    parts = (list(tokenizer.encode(record.question + "\n", add_special_tokens=True))
-             + [t for s in record.steps for t in tokenizer.encode(s + "\n", add_special_tokens=False)]
-             + list(tokenizer.encode("### " + record.answer, add_special_tokens=False)))
+    whole_ids = encode_text(tokenizer, whole, add_special_tokens=True)
+    t = tokenize_record(record, tokenizer, eos_id=-1)
+    parts = t.question + [i for s in t.steps for i in s] + t.answer[:-1]
     if parts == whole_ids:
         return True, f"ok ({len(parts)} tokens)"
     i = next((i for i, (a, b) in enumerate(zip(parts, whole_ids)) if a != b), min(len(parts), len(whole_ids)))

@@ -20,7 +20,8 @@ def step_distribution(records) -> dict:
 class TextTokenizer:
     """A character tokenizer so `data stats` can render through `format_record` without a model.
 
-    Each latent marker / `<eos>` is one token, every other character is one token.
+    Each latent marker / `<eos>` is one token, every other character is one token (with
+    `split_special_tokens`, as `encode_text` asks, markers in the text are characters too).
     """
 
     EOS = "<eos>"
@@ -31,9 +32,9 @@ class TextTokenizer:
         self.eos_token_id = 0
         self._special = re.compile("(" + "|".join(re.escape(t) for t in self.vocab) + ")")
 
-    def encode(self, text, add_special_tokens=False):
+    def encode(self, text, add_special_tokens=False, split_special_tokens=False):
         out = []
-        for piece in self._special.split(text):
+        for piece in [text] if split_special_tokens else self._special.split(text):
             if piece in (self.EOS,) + LATENT_TOKENS:
                 out.append(self.vocab[piece])
                 continue
