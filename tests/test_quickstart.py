@@ -18,8 +18,9 @@ def test_quickstart_small(smollm2_gguf_path, tmp_path):
     assert r.exit_code == 0, r.output
     stdout = r.stdout
     # the eval block with every row, and a generate --show-latents of the COCONUT run
-    for line in ("Stage 0 (CoT):", "Stage 0 (no-CoT):", "Stage 1 (COCONUT):", "Stage 1 (pause as thought):",
-                 "Stage 1 (w/o thought):", "Stage 2 (COCONUT) [coconut-2]:", "Stage 2 (COCONUT) [no-curriculum]:"):
+    for line in ("Stage 0 (CoT):", "Stage 0 (no-CoT):", "Stage 1 (COCONUT, c=2):",
+                 "Stage 1 (pause as thought, c=2):", "Stage 1 (w/o thought, c=2):",
+                 "Stage 2 (COCONUT, c=2) [coconut-2]:", "Stage 2 (COCONUT, c=2) [no-curriculum]:"):
         assert line in stdout
     assert "<|start-latent|>" in stdout and "  thought 1  norm " in stdout
     assert "quickstart finished in" in stdout
