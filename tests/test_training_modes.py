@@ -15,8 +15,7 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from mlx_coconut import checkpoint as ckpt
-from mlx_coconut import optimizer as optimizer_module
-from mlx_coconut import train
+from mlx_coconut import optimizer, train
 from mlx_coconut.cli import main
 from mlx_coconut.data import FormatConfig, load_records
 from mlx_coconut.evaluate import EvalResults
@@ -184,7 +183,7 @@ def test_uniform_prob_draws_stages_and_resume_reproduces_them(tiny):
 # ---------------------------------------------------------------- gradient accumulation
 
 
-class _Recorder(optimizer_module.AdamW):
+class _Recorder(optimizer.AdamW):
     grads = []
 
     def update(self, model, gradients):
@@ -197,7 +196,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(tiny, monkeypatch, stag
     """2 micro-batches of 4 (different numbers of supervised tokens) give the gradient of the 8-example
     batch: what the optimizer receives is compared with the full-batch gradient computed directly."""
     _Recorder.grads = []
-    monkeypatch.setattr(optimizer_module, "AdamW", _Recorder)
+    monkeypatch.setattr(optimizer, "AdamW", _Recorder)
     c = cfg(tiny, tiny["root"] / f"acc-{stage}", stage=stage, batch_size=4, grad_accumulation_steps=2,
             epochs=1, stop_after_steps=1, compile=False, seed=1)
     train.run(c, log=quiet)
