@@ -345,15 +345,14 @@ def run(out_dir, budget: str = "default", seed: int = 0, force: bool = False, in
         f"{', '.join(ROWS[k].name for k in b.rows)} -> {out}")
     execute(plan, invoke, log)
     results = json.loads(output(out, budget, "results.json").read_text())
-    text, rows = interpret(results, plan.runs), table(results, plan.runs)
+    text, rows, summary = interpret(results, plan.runs), table(results, plan.runs), summarize(results, plan.runs)
     seconds = time.perf_counter() - start
     record = {"budget": budget, "seed": seed, "budget_flags": asdict(b), "seconds": round(seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
               "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
               "steps": [{"label": s.label, "command": s.command, "seconds": round(s.seconds, 1),
                          "skipped": s.skipped} for s in plan.steps],
-              "rows": summarize(results, plan.runs),
-              "goals": [{"goal": g, "met": ok} for g, ok in goals(summarize(results, plan.runs))],
+              "rows": summary, "goals": [{"goal": g, "met": ok} for g, ok in goals(summary)],
               "interpretation": text}
     output(out, budget, "quickstart.json").write_text(json.dumps(record, indent=2))
     _append_to_report(output(out, budget, "report.md"), rows, text, output(out, budget, "curves.png"))

@@ -281,24 +281,8 @@ def _plot_tradeoff(ax, points):
     ax.set_xlim(left=0, right=max(t for _, t, _ in points) * 1.35 + 1)
 
 
-def plot_runs(runs, out, results_json=None) -> Path:
-    """Loss (and validation loss) and validation accuracy over optimizer steps, one colour per run.
-    Runs are laid end to end (stage 1 starts where stage 0 ended), as the curriculum runs them. With
-    `results_json` (an `eval --json` document) a third panel: accuracy against tokens per question."""
-    curves = [read_curves(r) for r in runs]  # bad run directories are reported before a missing extra
-    points = read_points(results_json) if results_json else None
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("plot needs matplotlib: pip install 'mlx-coconut[plot]' "
-                        "(or pip install matplotlib)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3 if points else 2, figsize=(17 if points else 11, 4))
-    ax_loss, ax_acc = axes[:2]
-    if points:
-        _plot_tradeoff(axes[2], points)
+def _plot_curves(ax_loss, ax_acc, curves):
+    """Training loss (raw and smoothed), validation loss and accuracy of each run, laid end to end."""
     offset = 0
     for i, c in enumerate(curves):
         color = f"C{i}"
@@ -328,6 +312,27 @@ def plot_runs(runs, out, results_json=None) -> Path:
     ax_loss.set(xlabel="optimizer step", ylabel="loss (per label token)", title="loss")
     ax_acc.set(xlabel="optimizer step", ylabel="accuracy (%)", title="validation accuracy (greedy)",
                ylim=(-2, 102))
+
+
+def plot_runs(runs, out, results_json=None) -> Path:
+    """Loss (and validation loss) and validation accuracy over optimizer steps, one colour per run.
+    Runs are laid end to end (stage 1 starts where stage 0 ended), as the curriculum runs them. With
+    `results_json` (an `eval --json` document) a third panel: accuracy against tokens per question."""
+    curves = [read_curves(r) for r in runs]  # bad run directories are reported before a missing extra
+    points = read_points(results_json) if results_json else None
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plot needs matplotlib: pip install 'mlx-coconut[plot]' "
+                        "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3 if points else 2, figsize=(17 if points else 11, 4))
+    ax_loss, ax_acc = axes[:2]
+    if points:
+        _plot_tradeoff(axes[2], points)
+    _plot_curves(ax_loss, ax_acc, curves)
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
