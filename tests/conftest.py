@@ -48,9 +48,11 @@ def smollm2_dir(smollm2_gguf_path) -> Path:
     """SmolLM2-135M-Instruct converted to an fp32 MLX directory by OUR converter, once per cache.
 
     The directory name carries a hash of convert/*.py, so changing the converter reconverts (~5 s)
-    instead of silently testing a stale conversion; older conversions are removed."""
+    instead of silently testing a stale conversion; conversions unused for a week are removed
+    (not sooner: a suite running in another checkout may be using one right now)."""
     import hashlib
     import shutil
+    import time
 
     from mlx_coconut.convert import convert
 
@@ -59,12 +61,14 @@ def smollm2_dir(smollm2_gguf_path) -> Path:
     out = root / f"smollm2-135m-instruct-fp32-{hashlib.sha1(code).hexdigest()[:10]}"
     if not (out / "config.json").exists():
         for old in root.glob("smollm2-135m-instruct-fp32-*"):
-            shutil.rmtree(old, ignore_errors=True)
+            if time.time() - old.stat().st_mtime > 7 * 86400:
+                shutil.rmtree(old, ignore_errors=True)
         try:
             convert(str(smollm2_gguf_path), out, dtype="float32", log=lambda *_: None)
         except (UserError, OSError):
             if not (out / "config.json").exists():  # not just a concurrent session winning the race
                 raise
+    out.touch()  # marks it in use for the clean-up above
     return out
 
 
