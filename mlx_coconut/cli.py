@@ -134,16 +134,19 @@ def convert_data(input_path, out, fmt):
               help="Step kinds: add, sub, mul, div, ref (reuse the first result). Difficulty knob.")
 @click.option("--max-value", type=int, default=999, show_default=True,
               help="Bound on every operand and intermediate result. Difficulty knob.")
+@click.option("--style", type=click.Choice(["story", "terse"]), default="story", show_default=True,
+              help="Wording: story (grade-school sentences) or terse (the same problem in about half "
+                   "the tokens).")
 @click.option("--exclude", "exclude_files", multiple=True, metavar="FILE",
               help="Skip questions found in these record files (repeatable): a held-out split.")
 @friendly_errors
-def synth(n, seed, out, min_steps, max_steps, ops, max_value, exclude_files):
+def synth(n, seed, out, min_steps, max_steps, ops, max_value, style, exclude_files):
     """Synthetic word problems with calculator steps (<<a*b=c>>) and integer answers."""
     from .data import load_records, save_records, step_distribution, synth_records
 
     exclude = {r.question for f in exclude_files for r in load_records(f)}
     records = synth_records(n, seed, min_steps, max_steps, exclude=exclude,
-                            ops=[o.strip() for o in ops.split(",") if o.strip()], max_value=max_value)
+                            ops=[o.strip() for o in ops.split(",") if o.strip()], max_value=max_value, style=style)
     save_records(records, out)
     dist = "  ".join(f"{k}:{v}" for k, v in step_distribution(records).items())
     held = f", none of the {len(exclude)} excluded questions" if exclude else ""

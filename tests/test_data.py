@@ -263,10 +263,11 @@ def test_official_empty_step_becomes_no_steps(tmp_path):
 # ---------------------------------------------------------------- synth
 
 
-def test_synth_steps_verified_and_deterministic():
-    recs = D.synth_records(300, seed=3)
-    assert [r.to_json() for r in recs] == [r.to_json() for r in D.synth_records(300, seed=3)]
-    assert [r.to_json() for r in recs] != [r.to_json() for r in D.synth_records(300, seed=4)]
+@pytest.mark.parametrize("style", ["story", "terse"])
+def test_synth_steps_verified_and_deterministic(style):
+    recs = D.synth_records(300, seed=3, style=style)
+    assert [r.to_json() for r in recs] == [r.to_json() for r in D.synth_records(300, seed=3, style=style)]
+    assert [r.to_json() for r in recs] != [r.to_json() for r in D.synth_records(300, seed=4, style=style)]
     assert set(D.step_distribution(recs)) == {1, 2, 3, 4, 5}
     for r in recs:
         prev = []
@@ -280,8 +281,25 @@ def test_synth_steps_verified_and_deterministic():
             prev.append(res)
         assert prev[-1] == r.answer and 0 < int(r.answer) <= 999
     assert len({r.question for r in recs}) > 290
-    few = D.synth_records(50, seed=0, min_steps=2, max_steps=2)
+    few = D.synth_records(50, seed=0, min_steps=2, max_steps=2, style=style)
     assert all(len(r.steps) == 2 for r in few)
+
+
+def test_synth_terse_states_the_same_problem_in_fewer_words():
+    """Every operand a step takes from the text is in the question, in both wordings; terse questions
+    are much shorter; an unknown style is a one-line error naming the flag."""
+    task = dict(min_steps=2, max_steps=2, ops=("add", "sub"), max_value=20)
+    lengths = {}
+    for style in ("story", "terse"):
+        recs = D.synth_records(200, seed=5, style=style, **task)
+        for r in recs:
+            (a, b), (_, c) = [re.findall(r"\d+", s)[:2] for s in r.steps]
+            numbers = re.findall(r"\d+", r.question)
+            assert numbers == [a, b, c], (style, r.question, r.steps)
+        lengths[style] = sum(len(r.question) for r in recs)
+    assert lengths["terse"] < 0.7 * lengths["story"], lengths
+    with pytest.raises(UserError, match="--style"):
+        D.synth_records(5, style="haiku")
 
 
 def test_synth_difficulty_knobs_and_exclude():
@@ -334,6 +352,10 @@ def test_cli_synth_convert_stats(tmp_path):
     res = _run(["data", "synth", "--n", "20", "--seed", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert len(json.loads(out.read_text())) == 20
+    terse = tmp_path / "t.json"
+    assert _run(["data", "synth", "--n", "20", "--seed", "1", "--style", "terse", "--out", str(terse)]).exit_code == 0
+    assert [r["question"] for r in json.loads(terse.read_text())] == \
+        [r.question for r in D.synth_records(20, seed=1, style="terse")]
     res = _run(["data", "stats", str(out), "--c-thought", "2"])
     assert res.exit_code == 0, res.output
     assert "records: 20" in res.output and "stage 1, c=2" in res.output
