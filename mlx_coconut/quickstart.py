@@ -50,6 +50,9 @@ ROWS = {r.key: r for r in (
     Row("no-thought", "w/o thought", ("--mode", "no-thought", "--stage", "1"), init="cot", stage=1),
     Row("coconut-2", "COCONUT, whole curriculum", ("--mode", "coconut", "--stage", "2"),
         init="coconut", stage=2),
+    # the paper's "pause as thought" row is at its last stage: the same curriculum, pause slots throughout
+    Row("pause-2", "pause as thought, whole curriculum", ("--mode", "pause", "--stage", "2"),
+        init="pause", stage=2),
     Row("no-curriculum", "w/o curriculum", ("--mode", "coconut", "--stage", "2"), init="cot", stage=2),
 )}
 
@@ -76,7 +79,7 @@ BUDGETS = {
                       note="about 20 minutes on a 2-core x86 CPU"),
     # the same data and runs as default, plus the controls and the whole curriculum
     "long": Budget(train=400, valid=100, test=200, rows=tuple(ROWS),
-                   note="the default plus four 5-epoch runs; not yet timed from scratch"),
+                   note="the default plus five 5-epoch runs; not yet timed from scratch"),
     "small": Budget(train=8, valid=2, test=4, rows=tuple(ROWS), synth=("--min-steps", "1", "--max-steps", "2"),
                     latent_flags=("--c-thought", "2", "--epochs", "1"), max_tokens=12,
                     note="CI smoke test of every row: a few steps each, ~2-4 minutes"),
@@ -225,6 +228,7 @@ GOALS = ("CoT accuracy >= 40%", "no-CoT >= 10 points below CoT",
 # the long table's goals: COCONUT against each control at the same stage, and the last stage
 CONTROL_GOALS = (("pause", "coconut", "COCONUT >= pause as thought + 10 points"),
                  ("no-thought", "coconut", "COCONUT >= w/o thought + 10 points"),
+                 ("pause-2", "coconut-2", "whole curriculum >= pause as thought (whole curriculum) + 10 points"),
                  ("no-curriculum", "coconut-2", "whole curriculum >= w/o curriculum + 10 points"))
 LAST_STAGE_GOAL = "whole curriculum >= no-CoT + 10 points with <= 6 tokens per question"
 
@@ -251,18 +255,24 @@ def goals(s: dict) -> list:
     cot, nocot, coco = s["cot"], s["no-cot"], s["coconut"]
     saved = 1 - coco["tokens"] / cot["tokens"] if cot["tokens"] else 0.0
     met = list(zip(GOALS, (
-        cot["accuracy"] >= 0.40,
-        nocot["accuracy"] <= cot["accuracy"] - 0.10,
-        coco["accuracy"] >= 0.8 * cot["accuracy"],
-        coco["accuracy"] >= nocot["accuracy"] + 0.05,
-        saved >= 0.30)))
+        _at_least(cot["accuracy"], 0.40),
+        _at_least(cot["accuracy"], nocot["accuracy"] + 0.10),
+        _at_least(coco["accuracy"], 0.8 * cot["accuracy"]),
+        _at_least(coco["accuracy"], nocot["accuracy"] + 0.05),
+        _at_least(saved, 0.30))))
     for control, ref, goal in CONTROL_GOALS:
         if control in s and ref in s:
-            met.append((goal, s[ref]["accuracy"] >= s[control]["accuracy"] + 0.10))
+            met.append((goal, _at_least(s[ref]["accuracy"], s[control]["accuracy"] + 0.10)))
     if "coconut-2" in s:
         last = s["coconut-2"]
-        met.append((LAST_STAGE_GOAL, last["accuracy"] >= nocot["accuracy"] + 0.10 and last["tokens"] <= 6))
+        met.append((LAST_STAGE_GOAL, _at_least(last["accuracy"], nocot["accuracy"] + 0.10)
+                    and last["tokens"] <= 6))
     return met
+
+
+def _at_least(x: float, bound: float) -> bool:
+    """x >= bound for fractions of questions: 0.3 vs 0.2 + 0.1 is a tie, not a float miss."""
+    return x >= bound - 1e-9
 
 
 def _pct(x: float) -> str:
