@@ -24,6 +24,9 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+# constraints: each returns what is wrong with a value (the message after the flag), or None
+
+
 def at_least(least) -> Callable:
     return lambda v: None if v >= least else f"must be >= {least} (got {v})"
 
