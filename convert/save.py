@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import make_shards, save_config
 
-from mlx_coconut.checkpoint import atomic_dir, disk_space_for, remove_stale_temps
+from mlx_coconut.files import atomic_dir, disk_space_for, remove_stale_temps
 from mlx_coconut.errors import UserError
 
 from . import gguf, hf

@@ -17,7 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import coconut
-from .checkpoint import Loaded, eos_ids, load  # noqa: F401  (re-exported)
+from .checkpoint import Loaded, load  # noqa: F401  (re-exported)
+from .tokens import eos_ids  # noqa: F401  (re-exported)
 from .data import Record, SpecialIds, Templated, format_record, make_batch
 from .errors import UserError
 

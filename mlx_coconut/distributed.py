@@ -265,8 +265,3 @@ def _terminated(*_):
                      f"failed){where}\n")
     sys.stderr.flush()
     os._exit(128 + signal.SIGTERM)
-
-
-def supervised_tokens(batch: dict) -> int:
-    """What `coconut.loss_fn` counts: shifted labels != -100."""
-    return int((batch["labels"][:, 1:] != -100).sum())

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from . import coconut
-from .checkpoint import eos_ids
+from .tokens import eos_ids
 from .data import format_record
 
 

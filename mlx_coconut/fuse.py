@@ -20,6 +20,8 @@ from mlx.utils import tree_unflatten
 from . import checkpoint as ckpt
 from .adapters import ExtraRows, model_config
 from .errors import UserError
+from .files import atomic_dir
+from .run import RUN_FILE, RUN_FORMAT, Run, settings_dict
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
@@ -79,9 +81,9 @@ def base_model_of(run: dict) -> str:
     """The model directory a run (or the chain of --init runs before it) started from."""
     seen = set()
     source = run.get("base_model") or run.get("source") or "unknown"
-    while source not in seen and (prev := ckpt.read_run(source)) is not None:
+    while source not in seen and (prev := Run.read(source)) is not None:
         seen.add(source)
-        source = prev.get("base_model") or prev.get("source") or source
+        source = prev.record.get("base_model") or prev.record.get("source") or source
     return str(source)
 
 
@@ -180,34 +182,35 @@ def fuse(run_path, out, dequantize: bool = False, force: bool = False, log=print
     """Write the standalone model directory `out` from run directory `run_path` (atomically)."""
     from mlx_lm.utils import save_config, save_model
 
-    run_dir, out = Path(run_path), Path(out).expanduser()
-    run = ckpt.read_run(run_dir)
-    if run is None:
-        raise UserError(f"{run_dir}: not a run directory (no {ckpt.RUN_FILE} with a checkpoint); "
+    out = Path(out).expanduser()
+    selected = Run.read(run_path)
+    if selected is None:
+        raise UserError(f"{run_path}: not a run directory (no {RUN_FILE} with a checkpoint); "
                         f"fuse takes the --out of `mlx-coconut train`")
+    run_dir, run = selected.path, selected.record
     if out.exists() and not force:
         raise UserError(f"--out {out} already exists (pass --force to overwrite)")
     protected = {run_dir.resolve(), *(Path(p).resolve() for p in (run.get("base_model"), run.get("source")) if p)}
     if out.resolve() in protected or run_dir.resolve().is_relative_to(out.resolve()):
         raise UserError(f"--out {out} would overwrite the run or its base model")
 
-    loaded = ckpt.load(run_dir)
+    loaded = ckpt.load(selected)
     model = fuse_model(loaded.model, dequantize)
     config = model_config(model)
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)
     if (q := quantization_config(model)) is not None:
         config["quantization"] = q
-    settings = ckpt.settings_dict(loaded.settings)
-    record = {"format": ckpt.RUN_FORMAT, "settings": settings, "fused_from": str(run_dir.resolve()),
+    settings = settings_dict(loaded.settings)
+    record = {"format": RUN_FORMAT, "settings": settings, "fused_from": str(run_dir.resolve()),
               "step": (loaded.state or {}).get("step"), "weights": run.get("weights"),
               "lora": run.get("lora"), "dequantized": dequantize, "eos_id": run.get("eos_id")}
 
-    with ckpt.atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         save_model(tmp, model)
         save_config(config, config_path=tmp / "config.json")
         getattr(loaded.tokenizer, "_tokenizer", loaded.tokenizer).save_pretrained(str(tmp))
-        (tmp / ckpt.RUN_FILE).write_text(json.dumps(record, indent=2))
+        (tmp / RUN_FILE).write_text(json.dumps(record, indent=2))
         (tmp / "README.md").write_text(model_card(out.name, run, run_dir, loaded.state, dequantize))
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log(f"wrote {out} ({size / 1e6:.1f} MB): {run.get('weights')} weights, mode {settings['mode']}, "

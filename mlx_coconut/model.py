@@ -208,6 +208,10 @@ class TransformerBlock(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # a per-instance hook: `run_block(block, x, mask, positions, cache, layer)` runs each block in
+    # place of `block(x, ...)` (training's gradient checkpointing); None on the class
+    run_block = None
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
@@ -224,8 +228,9 @@ class LlamaModel(nn.Module):
             offset, left_pad = cache.offset, cache.left_pad
         positions = offset if left_pad is None else offset - left_pad
         mask = attention_mask(L, offset, left_pad)
+        run = self.run_block
         for i, layer in enumerate(self.layers):
-            h = layer(h, mask, positions, cache, i)
+            h = layer(h, mask, positions, cache, i) if run is None else run(layer, h, mask, positions, cache, i)
         if cache is not None:
             cache.advance(L)
         return self.norm(h)

@@ -62,7 +62,7 @@ def without_masters(state: dict) -> dict:
 
 def set_optimizer_state(optimizer, saved: dict):
     """Copy saved leaves (a tree, or a flat dict of dotted names) into the freshly initialised state,
-    keeping its exact tree structure."""
+    in place: the state keeps its exact tree structure and the optimizer stays initialised."""
     flat = dict(tree_flatten(saved))
 
     def fill(node, prefix):
@@ -74,7 +74,4 @@ def set_optimizer_state(optimizer, saved: dict):
             elif key in flat:
                 node[k] = flat[key]
 
-    state = optimizer.state
-    fill(state, "")
-    optimizer.state = state
-    optimizer._initialized = True
+    fill(optimizer.state, "")

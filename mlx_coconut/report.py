@@ -50,7 +50,7 @@ def stage_label(settings) -> str:
 
 
 def check_model_dir(path) -> Path:
-    from .checkpoint import split_ref
+    from .run import split_ref
 
     p = split_ref(path)[0]  # RUN:best / RUN:latest name a directory too
     if not p.is_dir():

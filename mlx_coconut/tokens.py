@@ -141,3 +141,13 @@ def reset_latent_rows(model, tokenizer, tokens: LatentTokens):
     if head is not None:
         _copy_row(head, list(tokens.ids), src)
     mx.eval(model.parameters())
+
+
+def eos_ids(tokenizer) -> list:
+    """Every id that ends generation (mlx-lm's wrapper may list several, e.g. Llama 3 instruct)."""
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise UserError("the tokenizer defines no EOS token")
+    return sorted(ids)

@@ -1,7 +1,7 @@
 """The training loop, in mlx-lm's shape (`tuner/trainer.py`): micro-batches → token-weighted
 gradient accumulation → one optimizer update → a report to `Callbacks`, with a NaN guard. What a
 step computes (`step_fn`), how ranks combine (`reduce`) and what is written, printed, saved or
-evaluated (the callbacks) are the caller's: see `train.py`."""
+evaluated (the callbacks) are the caller's: see `training/`."""
 
 import math
 import time

@@ -6,7 +6,7 @@ library is loaded first (`mlx_coconut/blas.py`). One worker process per library,
 mlx_coconut, which loads it as every entry point does. All are started first, then asked in turn
 (A B C, C B A, ...) for the GFLOP/s of the matmul shapes of a SmolLM2 training step (the Linear
 forward `x @ W.T`, its input gradient `dy @ W` and weight gradient `dy.T @ x`, and the chunked
-output head) and for one full-weight stage-0 fwd+bwd step of 8 GSM8k records (`train.Stepper`,
+output head) and for one full-weight stage-0 fwd+bwd step of 8 GSM8k records (`training.Stepper`,
 compiled, as in bench_torch.py). Results are checked against the first library's (matmul checksum,
 loss). Default libraries: the reference BLAS and whatever of the system's OpenBLAS, OpenBLAS from
 PyPI (`ngsolve-openblas`), MKL (the `mkl` wheel) and BLIS is found (`mlx_coconut.blas.candidates`).
@@ -75,7 +75,7 @@ def worker(model_dir, batch_size, with_step):
     step = None
     if with_step:
         from bench_torch import gsm8k_batches
-        from mlx_coconut.train import Stepper
+        from mlx_coconut.training import Stepper
         model, _, _, batches = gsm8k_batches(Path(model_dir), batch_size, stages={"stage 0": (0, 1)})
         stepper, batch = Stepper(model, feedback=True, use_compile=True), batches["stage 0"]
 

@@ -1,13 +1,14 @@
 """Latent-stage cost on real epochs: stage 0 (CoT), 1 and 2 (c=1) epochs as `mlx-coconut train` runs them.
 
-Each epoch is the product's own: `train.resolve` of a `TrainConfig` (as `train` builds it from its
-flags), `train.load_data` (the first --records GSM8k *train* records after the seeded shuffle, the same
-records at every stage), `train.setup_model` (LoRA as the configs/ Mac recipe: rank 16, scale 2, on
-every projection, + the new-token rows; --full-weight for full fine-tuning), `train.epoch_batches`
-(length / latent-start grouping), `train.make_step_fn` (make_batch with --bucket, the compiled
-`Stepper`) and `trainer.train_loop` with a fresh optimizer; no evaluation, no checkpoints, one
-micro-batch per optimizer step. A step's time runs from the end of the previous step to the end of its
-optimizer update (make_batch, trace/compile if new, fwd+bwd, update, evaluation).
+Each epoch is set up by the product's own calls, the ones `training.train_stage` makes:
+`Stage.start` of a `TrainConfig` (as `train` builds it from its flags: resolve and validate),
+`stage.load_data()` (the first --records GSM8k *train* records after the seeded shuffle, the same
+records at every stage), `stage.load_model()` (LoRA as the configs/ Mac recipe: rank 16, scale 2, on
+every projection, + the new-token rows; --full-weight for full fine-tuning), `stage.epoch_batches`
+(length / latent-start grouping), `stage.step_fn()` (make_batch with --bucket, the compiled
+`Stepper`), `stage.optimizer()` and `trainer.train_loop`; no run directory, no evaluation, no
+checkpoints, one micro-batch per optimizer step. A step's time runs from the end of the previous step
+to the end of its optimizer update (make_batch, trace/compile if new, fwd+bwd, update, evaluation).
 
 Per stage: epoch seconds as a run's first epoch (a fresh `Stepper`: each new batch layout traces and
 compiles), supervised tokens (labels != -100), computed
@@ -35,29 +36,26 @@ GOAL = 1.15
 
 def epoch_runner(path, data, stage, args, tmp):
     """A callable timing one fresh epoch at `stage` → its measurements (dict of floats)."""
-    from mlx_coconut import distributed, train
-    from mlx_coconut.data import FormatConfig, make_batch
+    from mlx_coconut.data import make_batch
     from mlx_coconut.trainer import Callbacks, train_loop
+    from mlx_coconut.training import Stage, TrainConfig, disable_grad_checkpoint
 
     def quiet(*_, **__):
         pass
 
     def run():
-        config = train.TrainConfig(
+        config = TrainConfig(
             model=str(path), out=str(Path(tmp) / f"stage{stage}"), train=str(data), samples=args.records,
             stage=stage, c_thought=args.c_thought, max_latent_stage=3, pad_latent_to_max=True, epochs=1,
             batch_size=args.batch_size, bucket=args.bucket, eval_samples=0, save_every=0,
             max_seq_length=args.max_seq_length, seed=args.seed, lora=not args.full_weight,
             lora_rank=args.lora_rank, lora_scale=args.lora_scale, grad_checkpoint=args.grad_checkpoint)
-        cfg, init_run = train.resolve(config)
-        records, _ = train.load_data(cfg, quiet)
-        model, tokenizer, special, _ = train.setup_model(cfg, init_run, quiet)
-        if cfg.grad_checkpoint:
-            train.enable_grad_checkpoint(model)
-        model.train()
-        fcfg = FormatConfig.from_settings(cfg, uniform_prob=cfg.uniform_prob)
-        batches = train.epoch_batches(records, tokenizer, fcfg, special, cfg, 0)
-        step_fn = train.make_step_fn(model, special, cfg, distributed.setup())
+        st = Stage.start(config, quiet)
+        st.load_data()
+        st.load_model()
+        cfg, model, special = st.cfg, st.model, st.special
+        batches = st.epoch_batches(0)
+        step_fn = st.step_fn()
         shapes = []  # per micro-batch: (B x T, real tokens, supervised, compiled a new trace)
 
         def measured_step(examples, epoch, bi):
@@ -81,15 +79,15 @@ def epoch_runner(path, data, stage, args, tmp):
                 return False
 
         cold = Timer()
-        train_loop(model, train.make_optimizer(model, cfg), [(0, batches, 0)], measured_step, cold)
+        train_loop(model, st.optimizer(), [(0, batches, 0)], measured_step, cold)
         warm = None
         if not args.no_warm:  # the same batches again, every trace compiled: the steady state
             warm, n = Timer(), len(shapes)
-            train_loop(model, train.make_optimizer(model, cfg), [(0, batches, 0)], measured_step, warm)
+            train_loop(model, st.optimizer(), [(0, batches, 0)], measured_step, warm)
             del shapes[n:]
         if cfg.grad_checkpoint:
-            train.disable_grad_checkpoint(model)
-        del model
+            disable_grad_checkpoint(model)
+        del model, st
         mx.clear_cache()
         return summarize(cold.times, warm.times if warm else None, shapes)
     return run
@@ -116,25 +114,25 @@ def summarize(cold, warm, shapes) -> dict:
 
 
 def count_layouts(path, data, stages, args) -> dict:
-    """Distinct compiled traces (`train.trace_key`: batch shape, labelled positions, latent layout) one epoch over `data` would use at each
+    """Distinct compiled traces (`training.trace_key`: batch shape, labelled positions, latent layout) one epoch over `data` would use at each
     stage, counted on the host from the same pieces (no training)."""
-    from mlx_coconut import train
     from mlx_coconut.checkpoint import load_tokenizer
-    from mlx_coconut.data import FormatConfig, add_latent_special_ids, make_batch
+    from mlx_coconut.data import add_latent_special_ids, make_batch
+    from mlx_coconut.training import Stage, TrainConfig, trace_key
 
     tokenizer = load_tokenizer(path)
     special = add_latent_special_ids(tokenizer)
     out = {}
     for stage in stages:
-        cfg, init_run = train.resolve(train.TrainConfig(
+        st = Stage.start(TrainConfig(
             model=str(path), out="unused", train=str(data), stage=stage, c_thought=args.c_thought,
             max_latent_stage=3, pad_latent_to_max=True, batch_size=args.batch_size, bucket=args.bucket,
-            max_seq_length=args.max_seq_length, seed=args.seed, eval_samples=0))
-        records, _ = train.load_data(cfg, lambda *_: None)
-        batches = [make_batch(b, special.eos, special.latent, cfg.bucket) for b in train.epoch_batches(
-            records, tokenizer, FormatConfig.from_settings(cfg, uniform_prob=0.0), special, cfg, 0)]
-        out[stage] = {"batches": len(batches), "records": len(records),
-                      "traces": len({train.trace_key(b) for b in batches}),
+            max_seq_length=args.max_seq_length, seed=args.seed, eval_samples=0), lambda *_: None)
+        st.load_data()
+        st.tokenizer, st.special = tokenizer, special  # host-side only: no model is loaded
+        batches = [make_batch(b, special.eos, special.latent, st.cfg.bucket) for b in st.epoch_batches(0)]
+        out[stage] = {"batches": len(batches), "records": len(st.records),
+                      "traces": len({trace_key(b) for b in batches}),
                       "columns": sum(b["input_ids"].size for b in batches),
                       "real": sum(b["ntokens"] for b in batches),
                       "supervised": sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)}
@@ -214,7 +212,7 @@ def main(argv=None):
               + f"; per computed column {col:.3f}; per real column {real:.3f}; epoch time {epoch:.3f}; "
               f"first epoch (compiles included) per supervised token {first:.3f}")
     if args.count_layouts:
-        from mlx_coconut.train import Stepper
+        from mlx_coconut.training import Stepper
         print(f"one epoch over all of {data.name}, counted on the host (no training): distinct compiled "
               f"traces (the Stepper compiles the first {Stepper.MAX_TRACES}, later layouts run eagerly), columns, "
               f"padding; "

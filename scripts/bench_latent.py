@@ -11,7 +11,7 @@ and batched (--gen-batch), as thoughts/s vs decode tokens/s.
 Note: stage 1 drops the first reasoning step from the labels, so "per supervised token" also counts
 the curriculum's smaller supervision; "per input token" (non-pad columns, thoughts included) isolates
 the cost of the latent loop itself. Both are printed. `--pool N` also counts computed columns over N
-records batched as `train.epoch_batches` does (latent stages grouped by latent start) vs plain shuffled
+records batched as `training.epoch_batches` does (latent stages grouped by latent start) vs plain shuffled
 batches, and estimates per supervised token from the measured per-column ratio.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python scripts/bench_latent.py
@@ -79,7 +79,7 @@ def main(argv=None):
     p.add_argument("--gen-batch", type=int, default=8, metavar="B",
                    help="batch size of the thoughts-vs-decode comparison (also run at bs=1)")
     p.add_argument("--pool", type=int, default=128, metavar="N",
-                   help="also count computed columns over N records batched as train.py does "
+                   help="also count computed columns over N records batched as training does "
                    "(stage 1 grouped by latent start) vs a plain shuffled split (0: skip)")
     args = p.parse_args(argv)
 
@@ -165,7 +165,7 @@ def main(argv=None):
     print(f"  per computed column (padding included) stage-1/stage-0 = {r1col:.3f}")
     if pool:
         g, r = pool["grouped"], pool["shuffled"]
-        print(f"  pool estimate, train.py batching: per computed column {r1col:.3f} x columns "
+        print(f"  pool estimate, training batching: per computed column {r1col:.3f} x columns "
               f"{g['cols']:.3f} x supervised-token drop {g['sup']:.3f} = "
               f"{r1col * g['cols'] * g['sup']:.3f} per supervised token (plain shuffled batches: "
               f"{r1col * r['cols'] * r['sup']:.3f})")
@@ -175,13 +175,13 @@ def main(argv=None):
 def pool_columns(records_n, bs, tokenizer, ids):
     """Computed columns (sum of batch x width after the official collate) and supervised tokens of
     stage 1 over stage 0, on the first `records_n` records split into batches of `bs` by
-    `train.epoch_batches` (stage 1: grouped by latent start) and by a plain shuffled split."""
+    `training.epoch_batches` (stage 1: grouped by latent start) and by a plain shuffled split."""
     from types import SimpleNamespace
 
     import numpy as np
 
     from mlx_coconut.data import FormatConfig, collate, format_record
-    from mlx_coconut.train import epoch_batches
+    from mlx_coconut.training import epoch_batches
 
     records = bc.read_gsm8k(records_n)
     cfg = SimpleNamespace(seed=0, batch_size=bs, max_seq_length=10**9, grad_accumulation_steps=1)

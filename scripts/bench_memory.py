@@ -5,8 +5,8 @@ Shape: 32 layers, hidden 4096, MLP 14336, 32 query / 8 kv heads (head_dim 128), 
 materialised one array at a time directly in the target format (bf16, or 4-bit QLoRA with bf16
 scales), so no fp32 copy of the model ever exists. The step is the product's: `tokens`-style new rows
 + `adapters.apply_lora` (LoRA rank --rank on every projection, trainable latent-token rows),
-`adapters.quantize_base` for QLoRA, `train.enable_grad_checkpoint` (whole blocks recomputed),
-`train.Stepper` (loss+grad over `coconut.loss_fn`, its head in checkpointed chunks of --loss-chunk
+`adapters.quantize_base` for QLoRA, `training.enable_grad_checkpoint` (whole blocks recomputed),
+`training.Stepper` (loss+grad over `coconut.loss_fn`, its head in checkpointed chunks of --loss-chunk
 positions; one latent column = 2 passes) and an AdamW update.
 Peak = `mx.get_peak_memory()` over the step, weights included (reset after the weights are built).
 
@@ -91,7 +91,7 @@ def worker(a):
     from mlx.utils import tree_flatten
 
     from mlx_coconut import coconut
-    from mlx_coconut.train import Stepper, enable_grad_checkpoint
+    from mlx_coconut.training import Stepper, enable_grad_checkpoint
 
     t0 = time.perf_counter()
     model, new_ids = build(a.layers, a.base, a.rank, {**LLAMA31_8B, **json.loads(a.shape)})
@@ -156,7 +156,7 @@ def main(argv=None):
                    help="two token counts 'a,b' measured at batch 1 and extrapolated to batch*seq")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--checkpoint", default="product", choices=["product", "none"],
-                   help="gradient checkpointing: product = train.enable_grad_checkpoint (whole "
+                   help="gradient checkpointing: product = training.enable_grad_checkpoint (whole "
                    "blocks recomputed), none")
     p.add_argument("--loss-chunk", type=int, default=None,
                    help="positions per checkpointed head chunk in coconut.loss_fn, chunked at every "

@@ -3,7 +3,7 @@
 Both sides compute the loss and all weight gradients of the same GSM8k batch (formatted once by the
 product: `data.format_record`, `data.collate`) at stage 0 (CoT) and stage 1 (c=1), alternating
 ours / torch for --repeats rounds. Ours is `coconut.loss_fn` under `nn.value_and_grad`, compiled by
-`train.Stepper` as training runs it. The torch side is `LlamaForCausalLM` on the same fp32 weights
+`training.Stepper` as training runs it. The torch side is `LlamaForCausalLM` on the same fp32 weights
 (our converted model directory has Hugging Face names) with the official COCONUT multi-pass forward:
 pass 0 up to the first latent column, then one pass per latent column reusing `past_key_values`,
 the last hidden state of the previous column fed back as that column's input embedding, logits of
@@ -227,7 +227,7 @@ def main(argv=None):
     from mlx.utils import tree_flatten
 
     from mlx_coconut.tokens import vocab_rows
-    from mlx_coconut.train import Stepper
+    from mlx_coconut.training import Stepper
 
     path = bc.resolve_model(args.model)
     bc.header("bench_torch: full-weight COCONUT fwd+bwd, PyTorch (transformers) vs ours")

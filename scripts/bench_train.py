@@ -5,7 +5,7 @@ projection of every block, rank --rank, scale 20, no dropout), AdamW (lr 1e-4, w
 --batch-size GSM8k training examples formatted by the product at stage 0 (CoT: question masked, steps
 and answer supervised), no gradient checkpointing.
 
-- ours:   `mlx_coconut.train.Stepper` (compiled stage-0 loss+grad over `coconut.loss_fn`, the head
+- ours:   `mlx_coconut.training.Stepper` (compiled stage-0 loss+grad over `coconut.loss_fn`, the head
           on the labelled positions only) + `trainer.make_update` (the compiled optimizer update) +
           eval, as `train.train_stage` runs it, after the product's `tokens.add_latent_tokens` +
           `adapters.apply_lora`;
@@ -54,7 +54,8 @@ def main(argv=None):
     from mlx_coconut.data import FormatConfig, format_record, add_latent_special_ids
     from mlx_coconut.model import load_model
     from mlx_coconut.tokens import add_latent_tokens
-    from mlx_coconut.train import Stepper, make_batch
+    from mlx_coconut.data import make_batch
+    from mlx_coconut.training import Stepper
     from mlx_coconut.trainer import make_update
 
     path = bc.resolve_model(args.model)

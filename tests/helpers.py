@@ -7,7 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_coconut import train
+from mlx_coconut import training as train
 from mlx_coconut.data import save_records, synth_records
 from mlx_coconut.model import Model, ModelArgs
 

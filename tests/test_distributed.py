@@ -21,7 +21,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_coconut import checkpoint as ckpt
-from mlx_coconut import distributed, train
+from mlx_coconut import distributed, training as train
+from mlx_coconut.data import make_batch
 from mlx_coconut.data import FormatConfig
 from tolerance import RTOL, rel_diff, tree_rel_diff
 
@@ -143,7 +144,7 @@ def test_shard_gradients_sum_to_the_batch_gradient(tiny):
     model, tok, special, _ = train.setup_model(cfg, None, lambda *_: None)
     batch = train.epoch_batches(records, tok, FormatConfig.from_settings(cfg, uniform_prob=cfg.uniform_prob), special, cfg, 0)[0]
     stepper = train.Stepper(model, True, False)
-    loss, _, full = stepper(train.make_batch(batch, special.eos, special.latent, cfg.bucket))
+    loss, _, full = stepper(make_batch(batch, special.eos, special.latent, cfg.bucket))
     dist = distributed.Dist()
     dist.size = 3  # shares of 2, 2, 3 rows
     total_loss, total = 0.0, None

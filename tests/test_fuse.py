@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_coconut import adapters, api, checkpoint as ckpt, train
+from mlx_coconut import adapters, api, checkpoint as ckpt, training as train
 from mlx_coconut.cli import main
 from mlx_coconut.coconut import continuous_forward
 from mlx_coconut.data import load_records, save_records, synth_records

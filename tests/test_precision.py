@@ -13,7 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_coconut import checkpoint as ckpt
-from mlx_coconut import train
+from mlx_coconut import training as train
 from helpers import cfg, quiet
 from tolerance import RTOL, tree_rel_diff
 

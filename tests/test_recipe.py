@@ -8,7 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_coconut import checkpoint as ckpt
-from mlx_coconut import train
+from mlx_coconut import training as train
 from mlx_coconut.data import FormatConfig, Record, TextTokenizer, format_record, add_latent_special_ids
 from mlx_coconut.errors import UserError
 from helpers import cfg, quiet, tiny_setup

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from mlx_coconut import checkpoint as ckpt
-from mlx_coconut import train
+from mlx_coconut import files, training as train
+from mlx_coconut.training import evaluation
 from mlx_coconut.cli import main
 from mlx_coconut.data import synth_records
 from mlx_coconut.errors import UserError
@@ -123,9 +124,9 @@ def test_loss_warnings():
 
 def test_loss_warnings_reach_the_log_and_eval_json(tiny, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(train, "loss_warnings", lambda losses, vocab: [f"flat at {vocab}"])
+    monkeypatch.setattr(evaluation, "loss_warnings", lambda losses, vocab: [f"flat at {vocab}"])
     train.run(cfg(tiny, tmp_path / "w", eval_samples=2, max_new_tokens=2, epochs=1), log=seen.append)
-    vocab = train._vocab(ckpt.load(tmp_path / "w").model)
+    vocab = train.vocab_size(ckpt.load(tmp_path / "w").model)
     assert f"warning: flat at {vocab}" in seen
     assert json.loads((tmp_path / "w" / "eval.json").read_text())[-1]["warnings"] == [f"flat at {vocab}"]
 
@@ -136,7 +137,7 @@ def test_loss_warnings_reach_the_log_and_eval_json(tiny, tmp_path, monkeypatch):
 def test_second_training_into_the_same_out_is_refused(tiny, tmp_path):
     out = tmp_path / "locked"
     out.mkdir()
-    with ckpt.RunLock(out):
+    with files.RunLock(out):
         with pytest.raises(UserError, match="another training process .*is using this run directory"):
             train.run(cfg(tiny, out, epochs=1), log=quiet)
         assert not (out / ckpt.RUN_FILE).exists() and not (out / "metrics.jsonl").exists()
@@ -147,17 +148,17 @@ def test_second_training_into_the_same_out_is_refused(tiny, tmp_path):
 
 
 def test_lock_dies_with_its_process(tmp_path):
-    code = f"from mlx_coconut.checkpoint import RunLock; import time; RunLock({str(tmp_path)!r}).__enter__(); " \
+    code = f"from mlx_coconut.files import RunLock; import time; RunLock({str(tmp_path)!r}).__enter__(); " \
            f"print('locked', flush=True); time.sleep(60)"
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=f"pid {p.pid}"):
-            ckpt.RunLock(tmp_path).__enter__()
+            files.RunLock(tmp_path).__enter__()
     finally:
         p.kill()
         p.wait()
-    with ckpt.RunLock(tmp_path):  # kill -9 released it
+    with files.RunLock(tmp_path):  # kill -9 released it
         pass
 
 
@@ -342,7 +343,7 @@ def test_convert_onto_a_full_disk_is_one_line_and_leaves_nothing(tiny, small_dis
     one_line_error(*cli("convert", "--hf-path", tiny["model"], "--mlx-path", out, "--dtype", "float32"),
                    str(out), "not enough disk space", "needs 0.", " MB, 0.")
     assert list(disk.iterdir()) == []
-    monkeypatch.setattr(ckpt, "check_free_space", lambda *a: None)
+    monkeypatch.setattr(files, "check_free_space", lambda *a: None)
     one_line_error(*cli("convert", "--hf-path", tiny["model"], "--mlx-path", out, "--dtype", "float32"),
                    str(out), "disk filled up")
     assert list(disk.iterdir()) == []
@@ -358,7 +359,7 @@ def test_checkpoint_onto_a_full_disk_is_one_line_and_leaves_no_checkpoint(tiny, 
                    "not enough disk space", "needs ")
     assert not ckpt.is_run_dir(disk / "run")
     assert sorted(p.name for p in (disk / "run").iterdir()) == [".lock", "metrics.jsonl"]
-    monkeypatch.setattr(ckpt, "check_free_space", lambda *a: None)
+    monkeypatch.setattr(files, "check_free_space", lambda *a: None)
     one_line_error(*cli(*args, "--out", disk / "run2"), str(disk / "run2" / "ckpt-0000001"),
                    "disk filled up")
     assert sorted(p.name for p in (disk / "run2").iterdir()) == [".lock", "metrics.jsonl"]
@@ -479,8 +480,8 @@ def test_resume_truncates_metrics_and_json_never_holds_nan(tiny, tmp_path):
     (fresh / "metrics.jsonl").write_text('{"step": 9, "lr": NaN}\n')
     train.run(cfg(tiny, fresh, epochs=1), log=quiet)
     assert [json.loads(l)["step"] for l in (fresh / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    ckpt.append_jsonl(fresh / "x.jsonl", {"lr": float("nan"), "loss": float("inf")})
-    ckpt.write_json_atomic(fresh / "x.json", {"v": [float("nan")]})
+    files.append_jsonl(fresh / "x.jsonl", {"lr": float("nan"), "loss": float("inf")})
+    files.write_json_atomic(fresh / "x.json", {"v": [float("nan")]})
     assert json.loads((fresh / "x.jsonl").read_text()) == {"lr": None, "loss": None}
     assert json.loads((fresh / "x.json").read_text()) == {"v": [None]}
 

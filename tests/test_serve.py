@@ -9,7 +9,7 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-from mlx_coconut import api, train
+from mlx_coconut import api, training as train
 from mlx_coconut.cli import main
 from mlx_coconut.data import save_records, synth_records
 from mlx_coconut.serve import close_server, make_server

@@ -7,18 +7,20 @@ SmolLM2-135M (marked slow)."""
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_coconut import adapters, checkpoint as ckpt
-from mlx_coconut import train
+from mlx_coconut import training as train
 from mlx_coconut.cli import main
 from mlx_coconut.coconut import collated_loss
-from mlx_coconut.data import load_records
+from mlx_coconut.data import load_records, make_batch
+from mlx_coconut.training import memory, step
 from mlx_coconut.errors import UserError
 from mlx_coconut.evaluate import evaluate
 from helpers import cfg, quiet
@@ -215,6 +217,20 @@ def test_resume_lora_run(tiny):
     np.testing.assert_allclose(part["losses"] + rest["losses"], full["losses"], rtol=1e-5)
 
 
+def test_no_rng_state_is_saved_and_a_resumed_dropout_run_draws_the_same(tiny):
+    """No RNG state is saved: each step seeds its draws (LoRA dropout) from (seed, epoch, batch), so
+    a resumed run draws what the uninterrupted one drew without one."""
+    common = dict(epochs=1, batch_size=4, lora=True, lora_rank=4, lora_dropout=0.3, learning_rate=1e-3)
+    full = train.run(cfg(tiny, tiny["root"] / "dfull", **common), log=quiet)
+    part = train.run(cfg(tiny, tiny["root"] / "dpart", stop_after_steps=1, **common), log=quiet)
+    latest = ckpt.checkpoint_dir(tiny["root"] / "dpart", "latest")
+    assert not any("random" in k for k in mx.load(str(latest / "optimizer.safetensors")))
+    _, state = ckpt.load_optimizer_state(tiny["root"] / "dpart")
+    assert not any("random" in k for k in state)
+    rest = train.run(train.TrainConfig(out=str(tiny["root"] / "dpart"), resume=True), log=quiet)
+    np.testing.assert_allclose(part["losses"] + rest["losses"], full["losses"], rtol=1e-5)
+
+
 # ---------------------------------------------------------------- 5. crash while saving
 
 
@@ -374,7 +390,7 @@ def test_compiled_step_equals_eager_for_every_latent_layout(tiny):
     for fc in (FormatConfig("cot"), FormatConfig("coconut", stage=1), FormatConfig("coconut", stage=2),
                FormatConfig("coconut", stage=1, c_thought=2)):
         ex = [format_record(r, loaded.tokenizer, fc, special) for r in recs]
-        batch = train.make_batch(ex, 0, special.latent, 128)
+        batch = make_batch(ex, 0, special.latent, 128)
         assert batch["input_ids"].shape[1] == 128
         cols = np.flatnonzero(batch["latent_mask"].any(0))
         assert len(cols) == 0 or cols[0] % 8 == 0                 # first latent column bucketed
@@ -392,21 +408,34 @@ def test_compiled_step_equals_eager_for_every_latent_layout(tiny):
             assert rel_diff(eager[0], other[0]) < RTOL
             assert tree_rel_diff(ge, dict(tree_flatten(other[2]))) < RTOL
         # extra left/right padding (bucketing) does not change the loss
-        plain = train.make_batch(ex, 0, special.latent, 1, latent_align=1)
+        plain = make_batch(ex, 0, special.latent, 1, latent_align=1)
         assert plain["input_ids"].shape[1] < 128
         unpadded = collated_loss(loaded.model, plain, True)
         assert rel_diff(unpadded[0], eager[0]) < RTOL
     assert len(seen) == 3 and len(compiled_stepper.traces) == 3   # stage 2 and c=2 share a layout
 
 
+def test_grad_checkpoint_hooks_one_model_only(tiny):
+    """Gradient checkpointing is a hook on one model instance: another model in the process (the
+    class they share) is untouched."""
+    a, b = ckpt.load(tiny["model"]).model, ckpt.load(tiny["model"]).model
+    train.enable_grad_checkpoint(a)
+    try:
+        assert a.model.run_block is not None and b.model.run_block is None
+        assert type(a.model).run_block is None
+    finally:
+        train.disable_grad_checkpoint(a)
+    assert a.model.run_block is None
+
+
 def test_nan_loss_stops_with_clear_message(tiny, monkeypatch):
-    real = train.loss_fn
+    real = step.loss_fn
 
     def nan_loss(*a, **k):
         loss, n = real(*a, **k)
         return loss * mx.array(float("nan")), n
 
-    monkeypatch.setattr(train, "loss_fn", nan_loss)
+    monkeypatch.setattr(step, "loss_fn", nan_loss)
     with pytest.raises(UserError, match="diverged"):
         train.run(cfg(tiny, tiny["root"] / "nan", epochs=1, compile=False), log=quiet)
     assert not ckpt.is_run_dir(tiny["root"] / "nan")
@@ -427,7 +456,7 @@ def test_memory_estimate_for_llama_8b(tmp_path, monkeypatch):
     assert 16.0e9 + 0.3e9 < train.memory_estimate(config, lora)[1] < 16.1e9 + 0.4e9
     assert 4.5e9 < train.memory_estimate(config, qlora)[1] < 5e9   # 4 bits + a bf16 scale and bias per 64
     (tmp_path / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(train, "available_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(memory, "available_memory", lambda: 64 * 2**30)
     msgs = []
     train.warn_memory(tmp_path, full, msgs.append)
     assert len(msgs) == 1 and "8.03B" in msgs[0] and "--lora" in msgs[0] and "-q 4" in msgs[0]
@@ -468,7 +497,7 @@ def test_compiled_optimizer_update_equals_eager(tiny, scale):
         update = make_update(model, optimizer, use_compile)
         rng = np.random.default_rng(0)
         for _ in range(3):
-            grads = train.tree_map(lambda p: mx.array(rng.standard_normal(p.shape).astype(np.float32)),
+            grads = tree_map(lambda p: mx.array(rng.standard_normal(p.shape).astype(np.float32)),
                                    model.trainable_parameters())
             update(grads, scale)
             mx.eval(model.parameters(), optimizer.state)
@@ -535,7 +564,7 @@ def test_trace_report_names_layouts_past_the_compile_cap():
 
     def report(compile):
         cfg = train.TrainConfig(mode="cot", compile=compile)
-        return train.StageCallbacks(*[None] * 6, cfg, None, None, None, stepper=FakeStepper())._traces()
+        return train.StageCallbacks(SimpleNamespace(cfg=cfg), None, None, None, stepper=FakeStepper())._traces()
 
     assert report(True) == ("3 shape buckets (distinct batch shapes and latent layouts): 2 compiled "
                             "traces, 1 ran eagerly")
@@ -547,8 +576,8 @@ def test_only_the_first_train_of_a_process_counts_the_imports(tiny, tmp_path, mo
     the process start (imports included), later ones from their own start, not the process's."""
     import time
 
-    from mlx_coconut import cli
-    monkeypatch.setattr(cli, "_STARTED", [time.perf_counter() - 100.0])
+    from mlx_coconut.commands import common
+    monkeypatch.setattr(common, "_STARTED", [time.perf_counter() - 100.0])
     lines = []
     for name in ("first", "second"):
         r = _cli(["--model", str(tiny["model"]), "--train", str(tiny["data"]), "--epochs", "1",

@@ -15,9 +15,10 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from mlx_coconut import checkpoint as ckpt
-from mlx_coconut import optimizer, train
+from mlx_coconut import optimizer, training as train
+from mlx_coconut.training import evaluation
 from mlx_coconut.cli import main
-from mlx_coconut.data import FormatConfig, load_records
+from mlx_coconut.data import FormatConfig, load_records, make_batch
 from mlx_coconut.evaluate import EvalResults
 
 from helpers import cfg, quiet
@@ -47,7 +48,7 @@ def scripted_accuracy(monkeypatch):
         return EvalResults(examples=[], accuracy=script.pop(0), cot_match=0.0,
                            mean_generated_tokens=0.0, seconds=0.0)
 
-    monkeypatch.setattr(train, "evaluate", fake)
+    monkeypatch.setattr(evaluation, "evaluate", fake)
     return script
 
 
@@ -210,9 +211,9 @@ def test_accumulated_gradient_equals_full_batch_gradient(tiny, monkeypatch, stag
     counts = [train.supervised_tokens(m) for m in micro]
     assert counts[0] != counts[1]                     # a mean of the two means would differ
     stepper = train.Stepper(model, True, False)
-    _, _, full = stepper(train.make_batch(micro[0] + micro[1], special.eos, special.latent, rc.bucket))
+    _, _, full = stepper(make_batch(micro[0] + micro[1], special.eos, special.latent, rc.bucket))
     full = dict(tree_flatten(full))
-    parts = [dict(tree_flatten(stepper(train.make_batch(m, special.eos, special.latent, rc.bucket))[2]))
+    parts = [dict(tree_flatten(stepper(make_batch(m, special.eos, special.latent, rc.bucket))[2]))
              for m in micro]
     scale = max(float(mx.abs(v).max()) for v in full.values())
     for k in full:

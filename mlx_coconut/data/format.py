@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import UserError
+from ..options import FORMAT_DEFAULTS, MAX_C_THOUGHT, MODES, check_fields  # noqa: F401 (re-exported)
 from ..tokens import add_tokens_to_tokenizer
 from .records import Record
 
-MODES = ("cot", "no-cot", "coconut", "pause", "no-thought")
 
-
-MAX_C_THOUGHT = 64  # thoughts per replaced step (the paper uses 1-2); bounds prompt length
+FORMAT_FIELDS = ("mode", "stage", "c_thought", "max_latent_stage", "uniform_prob")
 
 
 @dataclass(frozen=True)
@@ -32,25 +31,20 @@ class FormatConfig:
 
     mode: str = "cot"
     stage: int = 0
-    c_thought: int = 1
-    max_latent_stage: int = 3
-    pad_latent_to_max: bool = True  # as every official config
-    uniform_prob: float = 0.0
+    c_thought: int = FORMAT_DEFAULTS["c_thought"]
+    max_latent_stage: int = FORMAT_DEFAULTS["max_latent_stage"]
+    pad_latent_to_max: bool = FORMAT_DEFAULTS["pad_latent_to_max"]
+    uniform_prob: float = FORMAT_DEFAULTS["uniform_prob"]
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise UserError(f"unknown mode '{self.mode}' (choose from {', '.join(MODES)})")
-        if self.stage < 0 or self.c_thought < 0 or self.max_latent_stage < 0:
-            raise UserError("stage, c_thought and max_latent_stage must be >= 0")
-        if self.c_thought > MAX_C_THOUGHT:
-            raise UserError(f"c_thought {self.c_thought}: at most {MAX_C_THOUGHT} thoughts per step")
-        if not 0.0 <= self.uniform_prob <= 1.0:
-            raise UserError("uniform_prob must be in [0, 1]")
+        """The constraints options.py declares for these fields (those a `train` config is checked
+        against), so a FormatConfig built by hand or from an edited coconut.json fails clearly."""
+        check_fields(self, FORMAT_FIELDS, flag=str)
 
     @classmethod
     def from_settings(cls, s, stage: Optional[int] = None, uniform_prob: float = 0.0) -> "FormatConfig":
         """From anything holding mode, stage, c_thought, max_latent_stage and pad_latent_to_max (a
-        TrainConfig, a checkpoint.Settings). `stage` overrides the settings' stage."""
+        TrainConfig, a run.Settings). `stage` overrides the settings' stage."""
         return cls(mode=s.mode, stage=s.stage if stage is None else stage, c_thought=s.c_thought,
                    max_latent_stage=s.max_latent_stage, pad_latent_to_max=s.pad_latent_to_max,
                    uniform_prob=uniform_prob)

@@ -1,0 +1,1 @@
+"""The `mlx-coconut` commands, one module per group; cli.py assembles them."""
