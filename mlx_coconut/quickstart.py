@@ -298,6 +298,10 @@ def interpret(results: dict, runs: dict) -> str:
         text += "Controls at the same stage and schedule: " + "; ".join(
             f"{c['name']} {_pct(c['accuracy'])} ({_points(r['accuracy'] - c['accuracy'])} for "
             f"{r['name']})" for c, r in controls) + ". "
+    else:
+        text += ("No control ran, so nothing here separates the continuous thought from the extra "
+                 "positions and epochs it comes with: --budget long adds pause as thought and w/o "
+                 "thought at the same stage and schedule. ")
     if "coconut-2" in s:
         last = s["coconut-2"]
         text += (f"With both steps as continuous thoughts (stage 2), COCONUT answered "

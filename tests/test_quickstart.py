@@ -146,6 +146,7 @@ def test_interpretation_recounts_the_records():
     text = quickstart.interpret(res, runs)
     assert "answered 40.0% correctly, 80% of CoT's 50.0%, with 40% fewer tokens" in text
     assert "(12.0 vs 20.0" in text and "reached 20.0%, so COCONUT is 20.0 points above it" in text
+    assert "No control ran" in text  # the three-row default says what it cannot show
     assert text.endswith("All 5 goals are met.")
     res, runs = _results(cot=([(True, 20)] * 3 + [(False, 20)] * 7, 0),
                          **{"no-cot": ([(True, 4)] * 3 + [(False, 4)] * 7, 0)},
@@ -167,6 +168,7 @@ def test_interpretation_covers_every_row_of_the_long_table():
     assert "pause as thought, whole curriculum 20.0% (+10.0 points for COCONUT, whole curriculum)" in text
     assert "w/o curriculum 10.0% (+20.0 points for COCONUT, whole curriculum)" in text
     assert "COCONUT answered 30.0% with 5.0 tokens per question" in text
+    assert "No control ran" not in text
     # pause is exactly 10 points below: met; 5.0 tokens and +20 over no-CoT: the last stage's goal met
     assert text.endswith("All 10 goals are met.")
     res["models"][5]["examples"] = [dict(e, n_generated=5) for e in res["models"][5]["examples"]]
