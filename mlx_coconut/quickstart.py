@@ -76,7 +76,7 @@ class Budget:
 DEFAULT_ROWS = ("cot", "no-cot", "coconut")
 BUDGETS = {
     "default": Budget(train=400, valid=100, test=200, rows=DEFAULT_ROWS,
-                      note="about 20 minutes on a 2-core x86 CPU"),
+                      note="30-45 minutes on a 2-core x86 CPU"),
     # the same data and runs as default, plus the controls and the whole curriculum
     "long": Budget(train=400, valid=100, test=200, rows=tuple(ROWS),
                    note="the default plus five 5-epoch runs; not yet timed from scratch"),
