@@ -320,6 +320,51 @@ def test_synth_difficulty_knobs_and_exclude():
         D.synth_records(5, max_value=5)
 
 
+
+def _parse_links(question):
+    links = question.split(": ", 1)[1].split(". From ")[0]
+    return dict(link.split(" to ") for link in links.split(", "))
+
+
+@pytest.mark.parametrize("hops,nodes", [(1, 4), (3, 6), (5, 8)])
+def test_chain_steps_follow_the_links_and_nothing_else_gives_the_answer(hops, nodes):
+    recs = D.chain_records(200, seed=7, min_hops=hops, max_hops=hops, nodes=nodes)
+    assert [r.to_json() for r in recs] == [r.to_json() for r in D.chain_records(200, 7, hops, hops, nodes)]
+    assert [r.question for r in recs] != [r.question for r in D.chain_records(200, 8, hops, hops, nodes)]
+    answers, first_listed = [], 0
+    for r in recs:
+        succ = _parse_links(r.question)
+        # one cycle through every node: one link out and one in each, so no node stands out
+        assert len(succ) == nodes and sorted(succ.values()) == sorted(succ)
+        node = start = r.question.split("From ")[1].split(",")[0]
+        seen = {start}
+        for _ in range(nodes - 1):
+            node = succ[node]
+            seen.add(node)
+        assert len(seen) == nodes
+        node = start
+        for step in r.steps:
+            a, b = step.split(" to ")
+            assert a == node and succ[a] == b
+            node = b
+        assert len(r.steps) == hops and r.answer == node != start
+        answers.append(r.answer)
+        first_listed += r.question.startswith(f"Links: {start} to ")
+    # the answer is spread over many words, and the start's link is not always listed first
+    assert len(set(answers)) > 10 and first_listed < len(recs) / 2
+
+
+def test_chain_exclude_and_bad_flags():
+    train = D.chain_records(100, seed=0, min_hops=2, max_hops=2, nodes=5)
+    held = D.chain_records(100, seed=1, min_hops=2, max_hops=2, nodes=5,
+                           exclude={r.question for r in train})
+    assert not {r.question for r in held} & {r.question for r in train}
+    for kwargs, needle in [(dict(nodes=3, max_hops=3), "--nodes"), (dict(nodes=40), "--nodes"),
+                           (dict(min_hops=0), "--min-steps"), (dict(min_hops=4, max_hops=2), "--min-steps")]:
+        with pytest.raises(UserError, match=needle):
+            D.chain_records(5, **kwargs)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -360,6 +405,14 @@ def test_cli_synth_convert_stats(tmp_path):
     assert res.exit_code == 0, res.output
     assert "records: 20" in res.output and "stage 1, c=2" in res.output
     assert "<|start-latent|><|latent|><|latent|><|end-latent|>" in res.output
+    chain = tmp_path / "chain.json"
+    res = _run(["data", "synth", "--task", "chain", "--n", "20", "--min-steps", "3", "--max-steps", "3",
+                "--nodes", "6", "--out", str(chain)])
+    assert res.exit_code == 0 and "steps 3:20" in res.output, res.output
+    assert [r["answer"] for r in json.loads(chain.read_text())] == \
+        [r.answer for r in D.chain_records(20, 0, 3, 3, 6)]
+    _one_line_error(_run(["data", "synth", "--task", "chain", "--n", "5", "--max-steps", "6", "--nodes", "6",
+                          "--out", str(tmp_path / "x.json")]), "--nodes")
     src = tmp_path / "in.txt"
     src.write_text("q1||<<1+1=2>> #### 2\nq2||<<2*3=6>> <<6-1=5>> #### 5\n")
     res = _run(["data", "convert", str(src), "--out", str(tmp_path / "c.json")])

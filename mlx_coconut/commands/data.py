@@ -76,16 +76,25 @@ def convert_data(input_path, out, fmt):
 @click.option("--style", type=click.Choice(["story", "terse"]), default="story", show_default=True,
               help="Wording: story (grade-school sentences) or terse (the same problem in about half "
                    "the tokens).")
+@click.option("--task", type=click.Choice(["words", "chain"]), default="words", show_default=True,
+              help="words: arithmetic word problems; chain: follow --min/--max-steps links through a "
+                   "shuffled cycle of --nodes words (serial steps: each needs the previous one's result).")
+@click.option("--nodes", type=int, default=6, show_default=True, help="chain: words in the cycle.")
 @click.option("--exclude", "exclude_files", multiple=True, metavar="FILE",
               help="Skip questions found in these record files (repeatable): a held-out split.")
 @friendly_errors
-def synth(n, seed, out, min_steps, max_steps, ops, max_value, style, exclude_files):
-    """Synthetic word problems with calculator steps (<<a*b=c>>) and integer answers."""
-    from ..data import load_records, save_records, step_distribution, synth_records
+def synth(n, seed, out, min_steps, max_steps, ops, max_value, style, task, nodes, exclude_files):
+    """Synthetic problems with steps: word problems with calculator steps (<<a*b=c>>) and integer
+    answers, or pointer chasing (--task chain)."""
+    from ..data import chain_records, load_records, save_records, step_distribution, synth_records
 
     exclude = {r.question for f in exclude_files for r in load_records(f)}
-    records = synth_records(n, seed, min_steps, max_steps, exclude=exclude,
-                            ops=[o.strip() for o in ops.split(",") if o.strip()], max_value=max_value, style=style)
+    if task == "chain":
+        records = chain_records(n, seed, min_steps, max_steps, nodes, exclude=exclude)
+    else:
+        records = synth_records(n, seed, min_steps, max_steps, exclude=exclude,
+                                ops=[o.strip() for o in ops.split(",") if o.strip()], max_value=max_value,
+                                style=style)
     save_records(records, out)
     dist = "  ".join(f"{k}:{v}" for k, v in step_distribution(records).items())
     held = f", none of the {len(exclude)} excluded questions" if exclude else ""
