@@ -47,12 +47,8 @@ def resolve(config: TrainConfig) -> tuple:
     cfg = with_defaults(config, init_run.config if init_run else {}, device_dtype())
     if init_run and init_run.lora and cfg.lora:
         _check_lora_init(cfg, init_run.record["lora"], config.init)
-    validate(cfg)
-    return cfg, init_run
-
-
-def validate(cfg: TrainConfig):
     check_declared(cfg)
+    return cfg, init_run
 
 
 def _check_lora_init(cfg: TrainConfig, lora: dict, init: str):
