@@ -254,7 +254,8 @@ def save_checkpoint(run_dir, run: dict, model: Model, tokenizer, optimizer, stat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    best = (read_run(run_dir) or {}).get("best")  # kept across saves (and --resume)
+    previous = Run.read(run_dir)
+    best = previous.record.get("best") if previous else None  # kept across saves (and --resume)
     write_json_atomic(run_dir / RUN_FILE, {**run, "format": RUN_FORMAT, "checkpoint": name,
                                            **({"best": best} if best else {})})
     if not keep_previous:
@@ -267,7 +268,7 @@ def mark_best(run_dir, accuracy: float, epoch: int, step: int) -> bool:
     best (strictly, as the official `cur_acc > best_acc`; the first accuracy always counts).
     Atomic: coconut.json names the new best before the old best directory is deleted."""
     run_dir = Path(run_dir)
-    run = read_run(run_dir)
+    run = dict(Run.open(run_dir).record)
     best = run.get("best")
     if best is not None and accuracy <= best["accuracy"]:
         return False
