@@ -156,14 +156,19 @@ def _load_lora(run: Run, ckpt: Path, tokenizer, dtype) -> Model:
     return model
 
 
+def optimizer_state(run: Run) -> dict:
+    """The optimizer state of a run's latest checkpoint, flat (dotted names; masters included)."""
+    flat = load_safetensors(run.checkpoint("latest") / "optimizer.safetensors")
+    flat.pop("__mx_random_state__", None)  # written by earlier versions, never used
+    return flat
+
+
 def load_optimizer_state(run) -> tuple:
     """(optimizer state tree, state.json dict) of a run's latest checkpoint (`run`: a Run or its
     path)."""
     run = run if isinstance(run, Run) else Run.open(run)
-    ckpt = run.checkpoint("latest")
-    flat = load_safetensors(ckpt / "optimizer.safetensors")
-    flat.pop("__mx_random_state__", None)  # written by earlier versions, never used
-    return tree_unflatten(list(flat.items())), read_json(ckpt / "state.json")
+    state = read_json(run.checkpoint("latest") / "state.json")
+    return tree_unflatten(list(optimizer_state(run).items())), state
 
 
 def load_safetensors(file) -> dict:
