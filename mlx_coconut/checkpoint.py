@@ -156,14 +156,19 @@ def _load_lora(run: Run, ckpt: Path, tokenizer, dtype) -> Model:
     return model
 
 
+def optimizer_state(run: Run) -> dict:
+    """The optimizer state of a run's latest checkpoint, flat (dotted names; masters included)."""
+    flat = load_safetensors(run.checkpoint("latest") / "optimizer.safetensors")
+    flat.pop("__mx_random_state__", None)  # written by earlier versions, never used
+    return flat
+
+
 def load_optimizer_state(run) -> tuple:
     """(optimizer state tree, state.json dict) of a run's latest checkpoint (`run`: a Run or its
     path)."""
     run = run if isinstance(run, Run) else Run.open(run)
-    ckpt = run.checkpoint("latest")
-    flat = load_safetensors(ckpt / "optimizer.safetensors")
-    flat.pop("__mx_random_state__", None)  # written by earlier versions, never used
-    return tree_unflatten(list(flat.items())), read_json(ckpt / "state.json")
+    state = read_json(run.checkpoint("latest") / "state.json")
+    return tree_unflatten(list(optimizer_state(run).items())), state
 
 
 def load_safetensors(file) -> dict:
@@ -254,7 +259,8 @@ def save_checkpoint(run_dir, run: dict, model: Model, tokenizer, optimizer, stat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    best = (read_run(run_dir) or {}).get("best")  # kept across saves (and --resume)
+    previous = Run.read(run_dir)
+    best = previous.record.get("best") if previous else None  # kept across saves (and --resume)
     write_json_atomic(run_dir / RUN_FILE, {**run, "format": RUN_FORMAT, "checkpoint": name,
                                            **({"best": best} if best else {})})
     if not keep_previous:
@@ -267,7 +273,7 @@ def mark_best(run_dir, accuracy: float, epoch: int, step: int) -> bool:
     best (strictly, as the official `cur_acc > best_acc`; the first accuracy always counts).
     Atomic: coconut.json names the new best before the old best directory is deleted."""
     run_dir = Path(run_dir)
-    run = read_run(run_dir)
+    run = dict(Run.open(run_dir).record)
     best = run.get("best")
     if best is not None and accuracy <= best["accuracy"]:
         return False

@@ -100,9 +100,10 @@ def eval_entry(run_dir: Path, step: Optional[int]) -> Optional[dict]:
     return (same or entries or [None])[-1]
 
 
-def card_rows(run: dict, run_dir: Path, state: Optional[dict], dequantize: bool) -> tuple:
+def card_rows(selected: Run, state: Optional[dict], dequantize: bool) -> tuple:
     """The model card's table rows (what was trained, from what, how well) and its thoughts count."""
-    s, cfg, lora = run.get("settings", {}), run.get("config", {}), run.get("lora")
+    run = selected.record
+    s, cfg, lora = run.get("settings", {}), selected.config, run.get("lora")
     base = base_model_of(run)
     thoughts = min(s.get("stage", 0), s.get("max_latent_stage", 3)) * s.get("c_thought", 1) \
         if s.get("mode") in ("coconut", "pause") else 0
@@ -118,7 +119,7 @@ def card_rows(run: dict, run_dir: Path, state: Optional[dict], dequantize: bool)
                    + (", dequantized" if dequantize else ""))
     else:
         weights = "full fine-tune"
-    ev = eval_entry(run_dir, (state or {}).get("step"))
+    ev = eval_entry(selected.path, (state or {}).get("step"))
     if ev:
         acc = (f"{ev['accuracy']:.3f} on {ev.get('n', '?')} validation questions "
                f"(epoch {ev.get('epoch', '?')}, step {ev.get('step', '?')}, greedy, exact match "
@@ -135,8 +136,8 @@ def card_rows(run: dict, run_dir: Path, state: Optional[dict], dequantize: bool)
     return rows, thoughts
 
 
-def model_card(name: str, run: dict, run_dir: Path, state: Optional[dict], dequantize: bool) -> str:
-    rows, thoughts = card_rows(run, run_dir, state, dequantize)
+def model_card(name: str, selected: Run, state: Optional[dict], dequantize: bool) -> str:
+    rows, thoughts = card_rows(selected, state, dequantize)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""---
 library_name: mlx
@@ -211,7 +212,7 @@ def fuse(run_path, out, dequantize: bool = False, force: bool = False, log=print
         save_config(config, config_path=tmp / "config.json")
         getattr(loaded.tokenizer, "_tokenizer", loaded.tokenizer).save_pretrained(str(tmp))
         (tmp / RUN_FILE).write_text(json.dumps(record, indent=2))
-        (tmp / "README.md").write_text(model_card(out.name, run, run_dir, loaded.state, dequantize))
+        (tmp / "README.md").write_text(model_card(out.name, selected, loaded.state, dequantize))
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log(f"wrote {out} ({size / 1e6:.1f} MB): {run.get('weights')} weights, mode {settings['mode']}, "
         f"stage {settings['stage']}, c={settings['c_thought']}")

@@ -164,17 +164,17 @@ CHECKED = {"--seed": "seed", "--epochs": "epochs", "--stage": "stage", "--mode":
 
 
 def _existing_run(run: Path, argv: list):
-    """The run's record when `run` holds one trained with `argv`'s flags; None when there is none;
-    a one-line error when it was trained otherwise (another seed or budget in the same --out)."""
-    from .checkpoint import read_run
+    """The run (a `Run`, read once) when `run` holds one trained with `argv`'s flags; None when there
+    is none; a one-line error when it was trained otherwise (another seed or budget in the same --out)."""
+    from .run import Run
 
     try:
-        record = read_run(run)
+        existing = Run.read(run)
     except (UserError, OSError, ValueError):
         return None
-    if record is None:
+    if existing is None:
         return None
-    config = record.get("config", {})
+    config = existing.config
     argv = [str(a) for a in argv]
     for flag, name in CHECKED.items():
         if flag in argv and name in config:
@@ -184,7 +184,7 @@ def _existing_run(run: Path, argv: list):
                 raise UserError(f"{run}: trained with {flag} {have}, this quickstart needs {want} "
                                 f"(another --seed or an older quickstart in the same --out): use "
                                 f"another --out, or --force to retrain")
-    return record
+    return existing
 
 
 def execute(plan: Plan, invoke: Callable, log=print) -> None:

@@ -49,6 +49,17 @@ def stage_label(settings) -> str:
     return f"Stage {settings.stage} ({MODE_NAMES.get(settings.mode, settings.mode)}{c})"
 
 
+def model_source(path):
+    """What `--model path` names, read once: its `Run` (a run directory with a checkpoint), else the
+    path, checked to be a model directory."""
+    from .run import Run
+
+    run = Run.read(path)
+    if run is None:
+        check_model_dir(path)
+    return path if run is None else run
+
+
 def check_model_dir(path) -> Path:
     from .run import split_ref
 
@@ -68,11 +79,10 @@ def compare(models, records, batch_size: int = 32, max_tokens: int = 64, dtype=N
     from .checkpoint import load
     from .evaluate import evaluate
 
-    for m in models:  # fail before spending minutes on the first model
-        check_model_dir(m)
+    sources = [model_source(m) for m in models]  # fail before spending minutes on the first model
     out = []
-    for m in models:
-        loaded = load(m, dtype=dtype)
+    for m, source in zip(models, sources):
+        loaded = load(source, dtype=dtype)
         label = stage_label(loaded.settings)
         if progress is None:
             res = evaluate(loaded, None, None, records, batch_size=batch_size, max_tokens=max_tokens)

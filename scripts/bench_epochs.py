@@ -1,7 +1,7 @@
 """Latent-stage cost on real epochs: stage 0 (CoT), 1 and 2 (c=1) epochs as `mlx-coconut train` runs them.
 
 Each epoch is set up by the product's own calls, the ones `training.train_stage` makes:
-`Stage.start` of a `TrainConfig` (as `train` builds it from its flags: resolve and validate),
+`Stage.start` of a `TrainConfig` (as `train` builds it from its flags: resolve and check),
 `stage.load_data()` (the first --records GSM8k *train* records after the seeded shuffle, the same
 records at every stage), `stage.load_model()` (LoRA as the configs/ Mac recipe: rank 16, scale 2, on
 every projection, + the new-token rows; --full-weight for full fine-tuning), `stage.epoch_batches`

@@ -20,6 +20,7 @@ from mlx_coconut.training import evaluation
 from mlx_coconut.cli import main
 from mlx_coconut.data import FormatConfig, load_records, make_batch
 from mlx_coconut.evaluate import EvalResults
+from mlx_coconut.options import check_declared
 
 from helpers import cfg, quiet
 
@@ -287,7 +288,7 @@ def test_preset_loads_and_validates(preset, tiny, monkeypatch, tmp_path):
         c.stage, c.stages = stages[-1], None
         c.mode = None if c.mode == "cot" else c.mode
     resolved, _ = train.resolve(c)
-    train.validate(resolved)
+    check_declared(resolved)
 
 
 def _a_run(tiny, train_stage) -> Path:

@@ -16,7 +16,7 @@ stage's state as a value) and curriculum (the entry point: `run`). The loop itse
 from ..options import TrainConfig, config_from_dict  # noqa: F401 (the entry point's argument)
 from ..optimizer import make_optimizer  # noqa: F401
 from .callbacks import StageCallbacks  # noqa: F401
-from .config import parse_stages, resolve, validate  # noqa: F401
+from .config import parse_stages, resolve  # noqa: F401
 from .curriculum import run, run_curriculum, train_stage  # noqa: F401
 from .evaluation import loss_warnings, validation_loss, vocab_size  # noqa: F401
 from .memory import count_params, memory_estimate, warn_memory  # noqa: F401

@@ -9,10 +9,8 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..optimizer import make_optimizer
-from ..options import reset_cadence
 from ..trainer import Callbacks, StepReport
 from . import evaluation
-from .config import data_order
 
 
 class StageCallbacks(Callbacks):
@@ -23,7 +21,7 @@ class StageCallbacks(Callbacks):
 
     def __init__(self, stage, run, interrupt, bar, clock=None, stepper=None):
         self.stage, self.run, self.interrupt, self.bar = stage, run, interrupt, bar
-        self.reset, self.losses, self.tps, self.summary = reset_cadence(stage.cfg), [], 0.0, None
+        self.losses, self.tps, self.summary = [], 0.0, None
         self.clock, self.stepper = clock, stepper
 
     @property
@@ -37,7 +35,7 @@ class StageCallbacks(Callbacks):
     def _state(self, step, epoch, batch, complete=False) -> dict:
         cfg = self.cfg
         return {"step": step, "epoch": epoch, "batch": batch, "stage": cfg.stage, "seed": cfg.seed,
-                "complete": complete, "data_order": data_order(cfg)}
+                "complete": complete, "data_order": self.stage.data_order}
 
     def _traces(self) -> str:
         """The epoch's shape buckets: one compiled trace each (the Stepper compiles a bounded number;
@@ -55,7 +53,7 @@ class StageCallbacks(Callbacks):
                              self._state(step, epoch, batch, complete))
 
     def begin_epoch(self, epoch, first, optimizer):
-        if self.reset == "epoch" and epoch > 0 and first == 0:  # official reset_optimizer: every epoch
+        if self.stage.reset == "epoch" and epoch > 0 and first == 0:  # official reset_optimizer: every epoch
             optimizer = make_optimizer(self.model, self.cfg, previous=optimizer)  # keeps the masters
         self.bar.desc = f"stage {self.cfg.stage} epoch {epoch + 1}/{self.cfg.epochs}"
         mx.reset_peak_memory()

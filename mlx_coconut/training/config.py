@@ -2,7 +2,6 @@
 defaults, the constraints options.py declares), `resume` for a run continued with --resume (its
 recorded config, the flags that may change, the data order its checkpoint was at)."""
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,12 +46,8 @@ def resolve(config: TrainConfig) -> tuple:
     cfg = with_defaults(config, init_run.config if init_run else {}, device_dtype())
     if init_run and init_run.lora and cfg.lora:
         _check_lora_init(cfg, init_run.record["lora"], config.init)
-    validate(cfg)
-    return cfg, init_run
-
-
-def validate(cfg: TrainConfig):
     check_declared(cfg)
+    return cfg, init_run
 
 
 def _check_lora_init(cfg: TrainConfig, lora: dict, init: str):
@@ -68,16 +63,6 @@ def _check_lora_init(cfg: TrainConfig, lora: dict, init: str):
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: --init {init} is a LoRA run "
                             f"whose adapters keep training with {name.replace('_', '-')} {value}; drop "
                             f"the flag (or start LoRA from a full-weight run / model)")
-
-
-def check_writable(out: Path):
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--out {out}: not writable ({e.strerror or e})") from None
 
 
 def start(config: TrainConfig) -> tuple:

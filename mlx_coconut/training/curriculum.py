@@ -15,7 +15,7 @@ from ..options import TrainConfig
 from ..run import Run
 from ..trainer import train_loop
 from .callbacks import StageCallbacks
-from .config import parse_stages
+from .config import parse_stages, start
 from .progress import Interrupt, Progress, StartClock
 from .rundir import RunDir
 from .stage import Stage
@@ -77,16 +77,22 @@ def _latest_state(out: Path) -> Optional[dict]:
 
 
 def train_stage(config: TrainConfig, log=print, started: Optional[float] = None) -> dict:
-    # the run-directory lock (taken inside, once --out is validated) is released however we leave
-    with contextlib.ExitStack() as held:
-        return _train_stage(config, log, held, StartClock(started))
-
-
-def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack, clock) -> dict:
+    """Train one stage: its config is resolved here, once (config.py), into the `Stage` value; from
+    there on the stage, not `config`, is what is passed down."""
+    clock = StartClock(started)
     dist = distributed.setup()  # size 1 unless started by `mlx.launch`
     if not dist.main:
         log = quiet  # rank 0 prints; errors still reach every rank as UserError
-    stage = Stage.start(config, log, dist)
+    cfg, init_run, resumed, state = start(config)
+    stage = Stage(cfg, dist, log, init_run, resumed, state)
+    # the run-directory lock (taken inside `train`) is released however we leave
+    with contextlib.ExitStack() as held:
+        return train(stage, held, clock)
+
+
+def train(stage: Stage, held: contextlib.ExitStack, clock) -> dict:
+    """The stage's run directory, set-up and loop (`clock`: the start clock, to the first step)."""
+    log, dist = stage.log, stage.dist
     cfg, out, (step, start_epoch, start_batch) = stage.cfg, stage.out, stage.position
     if stage.complete:
         log(f"{out}: already complete ({step} steps)")
@@ -99,7 +105,7 @@ def _train_stage(config: TrainConfig, log, held: contextlib.ExitStack, clock) ->
     clock.lap("data")
     stage.load_model()
     clock.lap("load")
-    run.record = stage.run_record()
+    run.record = stage.record
     optimizer = stage.optimizer()
     if stage.resumed:
         log(f"resuming {out} at step {step} (epoch {start_epoch + 1}, batch {start_batch})")

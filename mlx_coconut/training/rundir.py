@@ -4,13 +4,13 @@ each checkpoint is committed. Nothing else in training writes into the run direc
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 from .. import checkpoint as ckpt
 from ..errors import UserError
 from ..files import RunLock, append_jsonl, remove_stale_temps, truncate_jsonl, write_json_atomic
-from .config import check_writable
 
 
 class RunDir:
@@ -67,3 +67,13 @@ class RunDir:
         evals = json.loads(evals_file.read_text()) if evals_file.exists() else []
         evals = [e for e in evals if e.get("epoch") != entry["epoch"]] + [entry]
         write_json_atomic(evals_file, evals)
+
+
+def check_writable(out: Path):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out}: not writable ({e.strerror or e})") from None

@@ -125,6 +125,8 @@ def setup_model(cfg: TrainConfig, init_run: Optional[Run], log):
     record = {"weights": weights, "lora": lora_cfg,
               "base_model": str(base_dir.resolve()) if weights == "lora" else None,
               "source": str(source.resolve()), "init_checkpoint": loaded.checkpoint}
+    if weights == "lora":  # a new LoRA run records its base, so that its adapters are not put on another
+        record["base_fingerprint"] = ckpt.base_fingerprint(record["base_model"])
     return model, tokenizer, special, record
 
 
@@ -146,13 +148,12 @@ def stage_settings(cfg: TrainConfig, special: SpecialIds) -> Settings:
                                 "end": special.end_latent})
 
 
-def run_record(cfg: TrainConfig, record: dict, settings: Settings, special: SpecialIds, new: bool) -> dict:
-    """coconut.json minus "checkpoint": how the run was trained and from what."""
+def run_record(cfg: TrainConfig, record: dict, settings: Settings, special: SpecialIds) -> dict:
+    """coconut.json minus "checkpoint": how the run was trained and from what (`record`: what the
+    weights came from, as `setup_model` / `resumed_model` found it)."""
     run_record = {**record, "settings": settings_dict(settings), "config": asdict(cfg),
                   "dtypes": run_dtypes(cfg.dtype, record["weights"] == "lora"), "eos_id": special.eos,
                   "init": str(split_ref(cfg.init)[0].resolve()) if cfg.init else None}
     run_record["config"]["resume"] = False
     run_record["config"]["stop_after_steps"] = None
-    if record.get("weights") == "lora" and new:
-        run_record["base_fingerprint"] = ckpt.base_fingerprint(record["base_model"])
     return run_record

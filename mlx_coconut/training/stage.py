@@ -1,7 +1,9 @@
-"""One stage as a value: `Stage.start(config)` resolves its config (a new run, or the run being
-resumed); `load_data` and `load_model` set it up; then it answers what the loop needs — its epochs'
-batches, the optimizer it starts with, its step function — and what the run directory records.
-curriculum.py trains it; scripts/bench_epochs.py times its epochs through the same calls."""
+"""One stage as a value: built from its resolved config (`config.start`: a new run, or the run being
+resumed), it resolves once what the layers below it are handed (the optimizer's reset cadence, the
+data order a checkpoint records); `load_data` and `load_model` set it up (the model, and the run record
+that describes it); then it answers what the loop needs — its epochs' batches, the optimizer it starts
+with, its step function. curriculum.py trains it; scripts/bench_epochs.py times its epochs through
+the same calls."""
 
 import math
 from dataclasses import dataclass, field
@@ -13,10 +15,9 @@ from mlx.utils import tree_flatten
 from .. import distributed
 from ..data import FormatConfig, SpecialIds
 from ..errors import UserError
-from ..optimizer import run_dtypes
-from ..options import TrainConfig
+from ..options import TrainConfig, reset_cadence
 from ..run import Run, Settings
-from .config import start
+from .config import data_order, start
 from .setup import epoch_batches, load_data, resumed_model, run_record, setup_model, stage_settings
 from .step import enable_grad_checkpoint, make_step_fn, optimizer_for
 
@@ -38,6 +39,13 @@ class Stage:
     special: Optional[SpecialIds] = None
     settings: Optional[Settings] = None
     source: Optional[dict] = None        # what the weights came from (the run record's fields)
+    record: Optional[dict] = None        # coconut.json minus "checkpoint", once the model is set up
+    # resolved once from the config, for the callbacks and the optimizer
+    reset: str = field(init=False)       # when the optimizer is re-created: epoch | stage | never
+    data_order: dict = field(init=False)  # what a checkpoint's position in the data depends on
+
+    def __post_init__(self):
+        self.reset, self.data_order = reset_cadence(self.cfg), data_order(self.cfg)
 
     @classmethod
     def start(cls, config: TrainConfig, log=print, dist=None) -> "Stage":
@@ -64,7 +72,8 @@ class Stage:
         self.records, self.valid = load_data(self.cfg, self.log)
 
     def load_model(self):
-        """The weights: the resumed run's latest checkpoint, else set up from --model / --init."""
+        """The weights: the resumed run's latest checkpoint, else set up from --model / --init; and
+        the run record that describes them."""
         cfg = self.cfg
         if self.resumed is not None:
             self.model, self.tokenizer, self.special, self.source = resumed_model(cfg, self.resumed)
@@ -74,13 +83,10 @@ class Stage:
             enable_grad_checkpoint(self.model)
         self.model.train()
         self.settings = stage_settings(cfg, self.special)
-
-    def run_record(self) -> dict:
-        """coconut.json minus "checkpoint"."""
-        return run_record(self.cfg, self.source, self.settings, self.special, new=self.resumed is None)
+        self.record = run_record(cfg, self.source, self.settings, self.special)
 
     def optimizer(self):
-        return optimizer_for(self.model, self.cfg, self.init_run, self.resumed)
+        return optimizer_for(self.model, self.cfg, self.reset, self.init_run, self.resumed)
 
     def step_fn(self):
         return make_step_fn(self.model, self.special, self.cfg, self.dist)
@@ -112,10 +118,10 @@ class Stage:
         return per_epoch * cfg.epochs
 
     def log_start(self):
-        cfg, record = self.cfg, self.source
+        cfg, record = self.cfg, self.record
         n_params = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         qlora = " (QLoRA)" if record.get("lora") and record["lora"].get("quantization") else ""
-        dtypes = run_dtypes(cfg.dtype, record["weights"] == "lora")
+        dtypes = record["dtypes"]
         masters = " (fp32 masters)" if dtypes["trainable"] != "float32" else ""
         self.log(f"training stage {cfg.stage} ({cfg.mode}, c={cfg.c_thought}) on {len(self.records)} records, "
                  f"{record['weights']}{qlora} fine-tune, {n_params / 1e6:.2f}M trainable parameters "

@@ -14,7 +14,7 @@ from .. import checkpoint as ckpt
 from ..coconut import loss_fn, supervised_rows
 from ..data import SpecialIds, make_batch
 from ..optimizer import make_optimizer, set_optimizer_state, without_masters
-from ..options import TrainConfig, reset_cadence
+from ..options import TrainConfig
 
 
 def trace_key(batch: dict, feedback: bool = True, rows=None) -> tuple:
@@ -147,16 +147,19 @@ def check_ranks(dist, model, records, valid, step, cfg, log):
         f"(≤ {math.ceil(cfg.batch_size / dist.size)} per rank), gradients all-summed each step")
 
 
-def optimizer_for(model, cfg: TrainConfig, init_run=None, resumed=None):
-    """A fresh optimizer, with the saved moments of a resumed run (`resumed`: its Run), or of the
-    --init run (`init_run`) when the cadence is `never`."""
-    optimizer = make_optimizer(model, cfg)
+def optimizer_for(model, cfg: TrainConfig, reset: str, init_run=None, resumed=None):
+    """A fresh optimizer, with the saved state of a resumed run (`resumed`: its Run), or the moments
+    of the --init run (`init_run`) when the cadence (`reset`) is `never`: what is saved is read
+    first, then the optimizer is built and filled."""
+    saved = None
     if resumed is not None:
-        set_optimizer_state(optimizer, ckpt.load_optimizer_state(resumed)[0])
-    elif reset_cadence(cfg) == "never" and init_run is not None:  # carry the --init run's moments
+        saved = ckpt.optimizer_state(resumed)
+    elif reset == "never" and init_run is not None:  # carry the --init run's moments
         # not its masters: they are its latest weights, and --init may have loaded RUN:best
-        saved = dict(tree_flatten(ckpt.load_optimizer_state(init_run)[0]))
-        set_optimizer_state(optimizer, without_masters(saved))
+        saved = without_masters(ckpt.optimizer_state(init_run))
+    optimizer = make_optimizer(model, cfg)
+    if saved is not None:
+        set_optimizer_state(optimizer, saved)
     return optimizer
 
 
