@@ -104,56 +104,56 @@ def latent_token_ids(tokenizer) -> Optional[dict]:
 def load(ref, dtype: Optional[mx.Dtype] = None) -> Loaded:
     """Load a converted model directory or a run directory (full weights or LoRA adapters).
     A run is `RUN` (best checkpoint if recorded, else latest), `RUN:best` or `RUN:latest`, or a
-    `Run` already read."""
+    `Run` already read. What to load is resolved first (the weights' directory: the model, the
+    checkpoint, or a LoRA run's base), then the weights are loaded once, in `dtype`."""
     run = ref if isinstance(ref, Run) else Run.read(ref)
     if run is None:
         path, which = split_ref(ref)
         if which:
             raise UserError(f"{ref}: ':{which}' selects a checkpoint of a run directory, and {path} "
                             f"is not one (no {RUN_FILE} with a checkpoint)")
-        model, _ = load_model(path, dtype=dtype)
-        tokenizer = load_tokenizer(path)
-        settings = read_settings(path)
-        if settings.latent_ids is None:
-            settings.latent_ids = latent_token_ids(tokenizer)
-        settings.check_latent_tokens(f"{path}: ")  # a mode the model cannot run fails now
-        return Loaded(model, tokenizer, settings, path)
-
-    ckpt = run.checkpoint()
-    tokenizer = load_tokenizer(ckpt)
-    if run.lora:
-        model = _load_lora(run, ckpt, tokenizer, dtype)
+        files = weights = path
     else:
-        model, _ = load_model(ckpt, dtype=dtype)
-    settings = run.settings
+        files = run.checkpoint()
+        weights = _lora_base(run, files) if run.lora else files
+    model, _ = load_model(weights, dtype=dtype)
+    tokenizer = load_tokenizer(files)
+    if run is not None and run.lora:
+        _add_adapters(model, run.record["lora"], files, tokenizer)
+    settings = run.settings if run is not None else read_settings(path)
     if settings.latent_ids is None:
         settings.latent_ids = latent_token_ids(tokenizer)
-    settings.check_latent_tokens(f"{run.path}: ")
-    state = read_json(ckpt / "state.json") if (ckpt / "state.json").exists() else None
-    return Loaded(model, tokenizer, settings, run.path, run, state, ckpt.name)
+    settings.check_latent_tokens(f"{run.path if run is not None else path}: ")  # a mode it cannot run
+    if run is None:
+        return Loaded(model, tokenizer, settings, path)
+    state = read_json(files / "state.json") if (files / "state.json").exists() else None
+    return Loaded(model, tokenizer, settings, run.path, run, state, files.name)
 
 
-def _load_lora(run: Run, ckpt: Path, tokenizer, dtype) -> Model:
-    from .tokens import add_latent_tokens
-
+def _lora_base(run: Run, ckpt: Path) -> Path:
+    """A LoRA run's base model directory, checked against the fingerprint the run recorded."""
     base = Path(run.record["base_model"])
     if not base.is_dir():
         raise UserError(f"{ckpt.parent}: its base model {base} is missing (LoRA runs store adapters only)")
     check_base_fingerprint(run.record, base, ckpt.parent)
-    model, _ = load_model(base, dtype=dtype)
+    return base
+
+
+def _add_adapters(model: Model, lora: dict, ckpt: Path, tokenizer):
+    """A LoRA checkpoint's adapters and new-token rows onto its base model (loaded)."""
+    from .tokens import add_latent_tokens
+
     ids = add_latent_tokens(model, tokenizer).ids  # same ids: the tokenizer already has them
-    lora = run.record["lora"]
     if (q := lora.get("quantization")) and not is_quantized(model):
         quantize_base(model, q["bits"], q["group_size"])
     apply_lora(model, lora, ids)
-    # the adapters and new-token rows train (and are saved) in fp32 whatever `dtype` is: a resumed
-    # run keeps them so (their forward casts to the base's dtype)
+    # the adapters and new-token rows train (and are saved) in fp32 whatever the base's dtype is: a
+    # resumed run keeps them so (their forward casts to the base's dtype)
     adapters = load_safetensors(ckpt / "adapters.safetensors")
     adapters = {k: v.astype(mx.float32) for k, v in adapters.items()}
     model.load_weights(list(adapters.items()), strict=False)
     mx.eval(model.parameters())
     model.eval()
-    return model
 
 
 def optimizer_state(run: Run) -> dict:
