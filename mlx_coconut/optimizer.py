@@ -12,6 +12,8 @@ Masters are weights, not moments: they are saved with the optimizer state (so --
 exactly) and carried over when the official cadence re-creates the optimizer every epoch.
 """
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
@@ -35,22 +37,19 @@ class AdamW(optim.AdamW):
         return new.astype(parameter.dtype)
 
 
-def run_dtypes(dtype: str, lora: bool) -> dict:
-    """What a run holds, as its coconut.json records it: the weights in --dtype; the trainable ones
-    in --dtype too for a full fine-tune (with fp32 masters), fp32 for LoRA; updates in fp32."""
-    return {"weights": dtype, "trainable": "float32" if lora else dtype, "update": "float32"}
-
-
-def make_optimizer(model, cfg, previous=None) -> AdamW:
+def make_optimizer(model, cfg, previous=None, saved: Optional[dict] = None) -> AdamW:
     """A fresh AdamW on the model's trainable parameters (MLX's default is uncorrected, which makes
     the first updates after every reset ~3x larger). `previous`: the optimizer it replaces, whose
-    fp32 masters carry over (its moments do not)."""
+    fp32 masters carry over (its moments do not). `saved`: a state read from a checkpoint (flat,
+    dotted names), copied in."""
     optimizer = AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                       bias_correction=True)
     optimizer.init(model.trainable_parameters())  # from the parameters: masters copy the weights
     if previous is not None:
         set_optimizer_state(optimizer, {k: v for k, v in tree_flatten(previous.state)
                                         if k.endswith("." + MASTER)})
+    if saved is not None:
+        set_optimizer_state(optimizer, saved)
     return optimizer
 
 

@@ -13,7 +13,6 @@ import numpy as np
 from .. import adapters, checkpoint as ckpt
 from ..data import FormatConfig, SpecialIds, format_record, load_records
 from ..errors import UserError
-from ..optimizer import run_dtypes
 from ..options import TrainConfig
 from ..run import Run, Settings, settings_dict, split_ref
 from .memory import warn_memory
@@ -146,6 +145,13 @@ def stage_settings(cfg: TrainConfig, special: SpecialIds) -> Settings:
                     max_latent_stage=cfg.max_latent_stage, pad_latent_to_max=cfg.pad_latent_to_max,
                     latent_ids={"start": special.start_latent, "latent": special.latent,
                                 "end": special.end_latent})
+
+
+def run_dtypes(dtype: str, lora: bool) -> dict:
+    """What a run holds, as its coconut.json records it: the weights in --dtype; the trainable ones
+    in --dtype too for a full fine-tune (with fp32 masters: optimizer.py), fp32 for LoRA (the
+    adapters and new-token rows: adapters.py); updates in fp32 (optimizer.py)."""
+    return {"weights": dtype, "trainable": "float32" if lora else dtype, "update": "float32"}
 
 
 def run_record(cfg: TrainConfig, record: dict, settings: Settings, special: SpecialIds) -> dict:

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten, tree_map
 from .. import checkpoint as ckpt
 from ..coconut import loss_fn, supervised_rows
 from ..data import SpecialIds, make_batch
-from ..optimizer import make_optimizer, set_optimizer_state, without_masters
+from ..optimizer import make_optimizer, without_masters
 from ..options import TrainConfig
 
 
@@ -150,17 +150,14 @@ def check_ranks(dist, model, records, valid, step, cfg, log):
 def optimizer_for(model, cfg: TrainConfig, reset: str, init_run=None, resumed=None):
     """A fresh optimizer, with the saved state of a resumed run (`resumed`: its Run), or the moments
     of the --init run (`init_run`) when the cadence (`reset`) is `never`: what is saved is read
-    first, then the optimizer is built and filled."""
-    saved = None
-    if resumed is not None:
-        saved = ckpt.optimizer_state(resumed)
-    elif reset == "never" and init_run is not None:  # carry the --init run's moments
-        # not its masters: they are its latest weights, and --init may have loaded RUN:best
-        saved = without_masters(ckpt.optimizer_state(init_run))
-    optimizer = make_optimizer(model, cfg)
-    if saved is not None:
-        set_optimizer_state(optimizer, saved)
-    return optimizer
+    once (the latest checkpoint's), then the optimizer is built with it."""
+    carried = resumed if resumed is not None else init_run if reset == "never" else None
+    saved = ckpt.optimizer_state(carried) if carried is not None else None
+    if saved is not None and resumed is None:
+        # the --init run's moments, not its masters: they are its latest weights, and --init may
+        # have loaded RUN:best
+        saved = without_masters(saved)
+    return make_optimizer(model, cfg, saved=saved)
 
 
 # ---------------------------------------------------------------- gradient checkpointing
