@@ -70,12 +70,23 @@ def epoch_batches(records, tokenizer, fcfg: FormatConfig, ids: SpecialIds, cfg: 
     return [[e] for e in examples]
 
 
+def stage_model(cfg: TrainConfig, init_run: Optional[Run], resumed: Optional[Run], log) -> tuple:
+    """The stage's model, in train mode, and what describes it: → (model, tokenizer, special ids,
+    settings, run record)."""
+    if resumed is not None:
+        model, tokenizer, special, source = resumed_model(cfg, resumed)
+    else:
+        model, tokenizer, special, source = setup_model(cfg, init_run, log)
+    model.train()
+    settings = stage_settings(cfg, special)
+    return model, tokenizer, special, settings, run_record(cfg, source, settings, special)
+
+
 def setup_model(cfg: TrainConfig, init_run: Optional[Run], log):
     """Load weights (model dir or run dir), add the latent tokens, apply LoRA/QLoRA.
     → (model, tokenizer, ids, run-record fields)."""
     from ..tokens import INIT_TOKEN, LatentTokens, add_latent_tokens, reset_latent_rows
 
-    dtype = DTYPES[cfg.dtype]
     ref = cfg.init or cfg.model
     source = split_ref(ref)[0]
     source_run = init_run or Run.read(ref)  # --model may name a run too: read once
@@ -88,7 +99,7 @@ def setup_model(cfg: TrainConfig, init_run: Optional[Run], log):
     else:
         base_dir = source
     warn_memory(base_dir, cfg, log)
-    loaded = ckpt.load(source_run or ref, dtype=dtype)
+    loaded = ckpt.load(source_run or ref, dtype=DTYPES[cfg.dtype])
     model, tokenizer = loaded.model, loaded.tokenizer
     lora_cfg = None
     if cfg.lora:

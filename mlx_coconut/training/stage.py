@@ -18,8 +18,8 @@ from ..errors import UserError
 from ..options import TrainConfig, reset_cadence
 from ..run import Run, Settings
 from .config import data_order, start
-from .setup import epoch_batches, load_data, resumed_model, run_record, setup_model, stage_settings
-from .step import enable_grad_checkpoint, make_step_fn, optimizer_for
+from .setup import epoch_batches, load_data, stage_model
+from .step import make_step_fn, optimizer_for
 
 
 @dataclass
@@ -37,8 +37,7 @@ class Stage:
     model: object = None
     tokenizer: object = None
     special: Optional[SpecialIds] = None
-    settings: Optional[Settings] = None
-    source: Optional[dict] = None        # what the weights came from (the run record's fields)
+    settings: Optional[Settings] = None  # how the model is prompted (coconut.json's "settings")
     record: Optional[dict] = None        # coconut.json minus "checkpoint", once the model is set up
     # resolved once from the config, for the callbacks and the optimizer
     reset: str = field(init=False)       # when the optimizer is re-created: epoch | stage | never
@@ -74,16 +73,8 @@ class Stage:
     def load_model(self):
         """The weights: the resumed run's latest checkpoint, else set up from --model / --init; and
         the run record that describes them."""
-        cfg = self.cfg
-        if self.resumed is not None:
-            self.model, self.tokenizer, self.special, self.source = resumed_model(cfg, self.resumed)
-        else:
-            self.model, self.tokenizer, self.special, self.source = setup_model(cfg, self.init_run, self.log)
-        if cfg.grad_checkpoint:
-            enable_grad_checkpoint(self.model)
-        self.model.train()
-        self.settings = stage_settings(cfg, self.special)
-        self.record = run_record(cfg, self.source, self.settings, self.special)
+        self.model, self.tokenizer, self.special, self.settings, self.record = stage_model(
+            self.cfg, self.init_run, self.resumed, self.log)
 
     def optimizer(self):
         return optimizer_for(self.model, self.cfg, self.reset, self.init_run, self.resumed)

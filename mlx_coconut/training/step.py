@@ -82,7 +82,9 @@ class Stepper:
 
 def make_step_fn(model, special: SpecialIds, cfg: TrainConfig, dist):
     """The loop's step function: loss and gradients of one micro-batch (this rank's share of it
-    under data parallelism)."""
+    under data parallelism), with gradient checkpointing if the stage asks for it."""
+    if cfg.grad_checkpoint:
+        enable_grad_checkpoint(model)
     stepper = Stepper(model, cfg.mode != "pause", cfg.compile)
 
     def step_fn(examples, epoch: int, bi: int) -> tuple:
