@@ -187,7 +187,11 @@ def measure(name: str, cmd: list, timeout: int, log: Path) -> dict:
     rss = int(m.group(1)) * 1024 / 1e9 if m else float("nan")
     status = "ok" if r.returncode == 0 else ("timeout" if "status 137" in text or r.returncode in (124, 137)
                                              else f"exit {r.returncode}")
+    # the product's own account of where the time went (load vs the step itself), when it prints one
+    detail = re.findall(r"^(?:first step done.*|\[latent phase.*|done in .*|loaded in .*|greedy after.*)$",
+                        text, re.M)
     res = {"step": name, "seconds": round(wall, 1), "peak_rss_gb": round(rss, 2), "status": status,
+           "detail": " / ".join(detail),
            "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2),
            "command": " ".join(cmd), "log": str(log)}
     print(f"  {name}: {status}, {wall:.1f} s, peak RSS {rss:.2f} GB, load {load0:.2f} -> "
@@ -284,7 +288,8 @@ def run(a):
           f"{'TINY' if a.tiny else 'Llama-3.1-8B'} ({full} layers), timeout {a.timeout} s", flush=True)
     if "build" in steps:
         shutil.rmtree(hf, ignore_errors=True)
-        record(measure("build", me("--work", str(work), "--_build") + (["--tiny"] if a.tiny else []),
+        record(measure("build", me("--work", str(work), "--_build", "--shard-gb", str(a.shard_gb)) +
+                       (["--tiny"] if a.tiny else []),
                        a.timeout, logs / "build.log"))
     if "convert" in steps:
         record(measure("convert -q", cli("convert", "--hf-path", str(hf), "--mlx-path", str(q4), "-q",
@@ -348,6 +353,7 @@ def run(a):
                            train_cmd(base, out, curve_data, batch, n + 64), a.timeout,
                            logs / f"curve-{a.curve_base}-L{d}-{shape}.log"))
     print_table(results)
+    return results
 
 
 def print_table(results):
@@ -356,9 +362,11 @@ def print_table(results):
     for r in results:
         load = (f"{r['load_start']:.2f} → {r['load_end']:.2f}" if r.get("load_start") is not None else "—")
         print(f"| {r['step']} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {load} | {r['status']} |")
-    print("\ncommands:")
+    print("\ncommands (and what they printed about their time):")
     for r in results:
         print(f"  {r['step']}: {r['command']}")
+        if r.get("detail"):
+            print(f"      {r['detail']}")
 
 
 def main(argv=None):
@@ -377,14 +385,15 @@ def main(argv=None):
     p.add_argument("--curve-base", choices=["dense", "qlora"], default="dense",
                    help="curve: the HF bf16 base cast to fp32 (fast here), or the 4-bit one")
     p.add_argument("--tiny", action="store_true", help="a tiny config (same vocabulary, rope): a smoke test")
+    p.add_argument("--shard-gb", type=float, default=SHARD_BYTES / 1e9, help="build: max shard size")
     p.add_argument("--_build", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     import mlx_coconut  # noqa: F401  before mlx.core: the fast BLAS (blas.py)
 
     if a._build:
         config = dict(LLAMA31_8B, **(TINY if a.tiny else {}))
-        return build_checkpoint(Path(a.work).resolve() / "hf", config)
-    run(a)
+        return build_checkpoint(Path(a.work).resolve() / "hf", config, int(a.shard_gb * 1e9))
+    return run(a)
 
 
 if __name__ == "__main__":
