@@ -183,6 +183,7 @@ def measure(name: str, cmd: list, timeout: int, log: Path) -> dict:
         r = subprocess.run(full, stdout=fh, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     text = log.read_text()
+    cpu = cpu_seconds(text)
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     rss = int(m.group(1)) * 1024 / 1e9 if m else float("nan")
     status = "ok" if r.returncode == 0 else ("timeout" if "status 137" in text or r.returncode in (124, 137)
@@ -190,13 +191,21 @@ def measure(name: str, cmd: list, timeout: int, log: Path) -> dict:
     # the product's own account of where the time went (load vs the step itself), when it prints one
     detail = re.findall(r"^(?:first step done.*|\[latent phase.*|done in .*|loaded in .*|greedy after.*)$",
                         text, re.M)
-    res = {"step": name, "seconds": round(wall, 1), "peak_rss_gb": round(rss, 2), "status": status,
+    res = {"step": name, "seconds": round(wall, 1), "cpu_seconds": cpu, "peak_rss_gb": round(rss, 2),
+           "status": status,
            "detail": " / ".join(detail),
            "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2),
            "command": " ".join(cmd), "log": str(log)}
     print(f"  {name}: {status}, {wall:.1f} s, peak RSS {rss:.2f} GB, load {load0:.2f} -> "
           f"{res['load_end']:.2f}  (log {log})", flush=True)
     return res
+
+
+def cpu_seconds(text: str) -> float:
+    """User + system CPU seconds from /usr/bin/time -v: on a shared core this moves much less than
+    the wall time with the load (the wall time is what the step took here, the CPU time its cost)."""
+    found = re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)
+    return round(sum(float(x) for x in found), 1) if found else float("nan")
 
 
 def cli(*args) -> list:
@@ -246,19 +255,24 @@ def fit_line(xs, ys):
     return my - b * mx_, b
 
 
-def extrapolate(results: list, prefix: str, depths: list, full: int) -> list:
-    """From rows '{prefix} L=n' at several depths: seconds and peak RSS linear in depth -> full."""
-    rows = {d: r for r in results for d in depths if r["step"] == f"{prefix} L={d}" and r["status"] == "ok"}
+def extrapolate(results: list, prefix: str, full: int) -> list:
+    """From the rows '{prefix} L=n', n < full: seconds and peak RSS linear in depth -> full."""
+    rows = {}
+    for r in results:
+        m = re.fullmatch(rf"{prefix} L=(\d+)", r["step"])
+        if m and int(m.group(1)) < full and r["status"] == "ok":
+            rows[int(m.group(1))] = r
     if len(rows) < 2:
         return []
     ds = sorted(rows)
     a, b = fit_line(ds, [rows[d]["seconds"] for d in ds])
+    ca, cb = fit_line(ds, [rows[d]["cpu_seconds"] for d in ds])
     ra, rb = fit_line(ds, [rows[d]["peak_rss_gb"] for d in ds])
     return [{"step": f"{prefix} L={full} EXTRAPOLATED", "seconds": round(a + b * full, 1),
-             "peak_rss_gb": round(ra + rb * full, 2), "status": f"extrapolated from L={ds}",
-             "load_start": None, "load_end": None,
-             "command": f"linear fit in depth of the '{prefix} L=n' rows: "
-                        f"{a:.1f} + {b:.1f} s/layer, {ra:.2f} + {rb:.3f} GB/layer"}]
+             "cpu_seconds": round(ca + cb * full, 1), "peak_rss_gb": round(ra + rb * full, 2),
+             "status": f"extrapolated from L={ds}", "load_start": None, "load_end": None,
+             "command": f"linear fit in depth of the '{prefix} L=n' rows: wall {a:.1f} + {b:.1f} s/layer, "
+                        f"CPU {ca:.1f} + {cb:.1f} s/layer, {ra:.2f} + {rb:.3f} GB/layer"}]
 
 
 # ------------------------------------------------------------------ steps
@@ -279,6 +293,9 @@ def run(a):
     depths = [int(x) for x in a.layers.split(",") if x] if a.layers else []
     results_file = work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else []
+    for r in results:  # rows written by an older version of this script
+        if "cpu_seconds" not in r and Path(r.get("log", "")).is_file():
+            r["cpu_seconds"] = cpu_seconds(Path(r["log"]).read_text())
 
     def record(res):
         results[:] = [r for r in results if r["step"] != res["step"]] + [res]
@@ -323,8 +340,6 @@ def run(a):
             shutil.rmtree(out, ignore_errors=True)
             record(measure(f"train L={d}", train_cmd(models[d], out, data, 1, 64), a.timeout,
                            logs / f"train-L{d}.log"))
-        for r in extrapolate(results, "train", depths, full):
-            record(r)
     if "generate" in steps:
         for d in train_depths:
             run_dir = work / f"run-L{d}"
@@ -335,8 +350,6 @@ def run(a):
                                                   "--max-tokens", str(a.new_tokens), "--show-latents",
                                                   "--dtype", "float32"),
                            a.timeout, logs / f"generate-L{d}.log"))
-        for r in extrapolate(results, "generate", depths, full):
-            record(r)
     if "curve" in steps:
         # A 4-bit matmul runs at ~2 GFLOP/s here, a dense fp32 one at ~30: the curve's long shapes use
         # a dense base by default (--curve-base dense); activations are fp32 either way on a CPU, so
@@ -352,16 +365,20 @@ def run(a):
             record(measure(f"curve {a.curve_base} L={d} {batch} x {n} tokens",
                            train_cmd(base, out, curve_data, batch, n + 64), a.timeout,
                            logs / f"curve-{a.curve_base}-L{d}-{shape}.log"))
+    for prefix in ("train", "generate"):  # refitted from every row recorded so far
+        for r in extrapolate(results, prefix, full):
+            record(r)
     print_table(results)
     return results
 
 
 def print_table(results):
-    print("\n| step | seconds | peak RSS (GB) | load avg (start → end) | status |")
-    print("|---|---:|---:|---|---|")
+    print("\n| step | wall s | CPU s | peak RSS (GB) | load avg (start → end) | status |")
+    print("|---|---:|---:|---:|---|---|")
     for r in results:
         load = (f"{r['load_start']:.2f} → {r['load_end']:.2f}" if r.get("load_start") is not None else "—")
-        print(f"| {r['step']} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {load} | {r['status']} |")
+        print(f"| {r['step']} | {r['seconds']:.1f} | {r.get('cpu_seconds', float('nan')):.1f} | "
+              f"{r['peak_rss_gb']:.2f} | {load} | {r['status']} |")
     print("\ncommands (and what they printed about their time):")
     for r in results:
         print(f"  {r['step']}: {r['command']}")
