@@ -6,6 +6,7 @@ each in its own subprocess under `/usr/bin/time -v` (wall seconds, peak RSS) and
 
   build     the HF checkpoint, written shard by shard (never the whole model in memory)
   convert   mlx-coconut convert -q (4-bit); the goal is a peak RSS under 16 GB, as on a 16 GB Mac
+  convert-bf16  the same without -q (the bf16 LoRA path's model: 4 shards of <= 5 GB), then deleted
   load      load_model + tokenizer + the three latent tokens, fp32 compute (the CPU's fast path)
   latent    mlx-coconut latent-tokens (load, add the tokens, one greedy token before and after)
   train     one QLoRA step at stage 1 (c=2, --grad-checkpoint, batch 1, one short record)
@@ -31,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-STEPS = ("build", "convert", "load", "latent", "train", "generate", "curve")
+STEPS = ("build", "convert", "convert-bf16", "load", "latent", "train", "generate", "curve")
 
 # Llama-3.1-8B's config.json as published (meta-llama/Llama-3.1-8B), values unchanged.
 LLAMA31_8B = {
@@ -311,6 +312,11 @@ def run(a):
     if "convert" in steps:
         record(measure("convert -q", cli("convert", "--hf-path", str(hf), "--mlx-path", str(q4), "-q",
                                          "--force"), a.timeout, logs / "convert.log"))
+    if "convert-bf16" in steps:
+        bf16 = work / "bf16"
+        record(measure("convert (bf16)", cli("convert", "--hf-path", str(hf), "--mlx-path", str(bf16),
+                                             "--force"), a.timeout, logs / "convert-bf16.log"))
+        shutil.rmtree(bf16, ignore_errors=True)  # 16 GB that no later step uses
     if "load" in steps:
         code = ("import sys, time, mlx_coconut, mlx.core as mx\n"
                 "from mlx_coconut.model import load_model\n"
