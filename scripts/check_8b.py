@@ -349,8 +349,9 @@ def run(a):
     if "generate" in steps:
         for d in train_depths:
             run_dir = work / f"run-L{d}"
-            if not (run_dir / "run.json").exists() and not any(run_dir.glob("*")):
-                print(f"  generate L={d}: no run {run_dir} (run --steps train first)")
+            trained = [r for r in results if r["step"] == f"train L={d}" and r["status"] == "ok"]
+            if not trained or not run_dir.is_dir():
+                print(f"  generate L={d}: skipped, no finished run {run_dir} (--steps train first)")
                 continue
             record(measure(f"generate L={d}", cli("generate", "--model", str(run_dir), "--prompt", PROMPT,
                                                   "--max-tokens", str(a.new_tokens), "--show-latents",
