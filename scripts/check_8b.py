@@ -4,6 +4,8 @@ Builds a Hugging Face-layout checkpoint with the exact Llama-3.1-8B config.json 
 ~5 GB safetensors shards + index, the real Llama 3 tokenizer), then runs the product's commands on it,
 each in its own subprocess under `/usr/bin/time -v` (wall seconds, peak RSS) and `timeout`:
 
+  matmul    GFLOP/s of one 8B MLP matmul (8 x 4096 @ 4096 x 14336): 4-bit with bf16 / fp32 activations,
+            dense bf16 / fp32 (why the steps below compute in fp32 on a CPU)
   build     the HF checkpoint, written shard by shard (never the whole model in memory)
   convert   mlx-coconut convert -q (4-bit); the goal is a peak RSS under 16 GB, as on a 16 GB Mac
   convert-bf16  the same without -q (the bf16 LoRA path's model: 4 shards of <= 5 GB), then deleted
@@ -32,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-STEPS = ("build", "convert", "convert-bf16", "load", "latent", "train", "generate", "curve")
+STEPS = ("matmul", "build", "convert", "convert-bf16", "load", "latent", "train", "generate", "curve")
 
 # Llama-3.1-8B's config.json as published (meta-llama/Llama-3.1-8B), values unchanged.
 LLAMA31_8B = {
@@ -62,6 +64,27 @@ SHARD_BYTES = 5 * 10**9  # HF's default max_shard_size
 RECORD = {"question": "Tom has 3 bags of 4 apples and buys 5 more. How many apples?",
           "steps": ["<<3*4=12>>", "<<12+5=17>>"], "answer": "17"}
 PROMPT = "Tom has 3 bags of 4 apples and buys 5 more. How many apples?"
+
+
+# One MLP projection of the 8B model, timed after a warm-up (median of 3).
+MATMUL = """
+import time, statistics, mlx_coconut, mlx.core as mx
+w = (mx.random.normal((14336, 4096)) * 0.02).astype(mx.bfloat16)
+wq, s, b = mx.quantize(w, 64, 4)
+x = mx.random.normal((8, 4096))
+xb, w32 = x.astype(mx.bfloat16), w.astype(mx.float32)
+mx.eval(x, xb, w, w32, wq, s, b)
+cases = {
+  '4-bit, bf16 activations': lambda: mx.quantized_matmul(xb, wq, s, b, True, 64, 4),
+  '4-bit, fp32 activations': lambda: mx.quantized_matmul(x, wq, s, b, True, 64, 4),
+  'dense bf16': lambda: xb @ w.T,
+  'dense fp32': lambda: x @ w32.T}
+for name, f in cases.items():
+    ts = []
+    for _ in range(4):
+        t = time.perf_counter(); mx.eval(f()); ts.append(time.perf_counter() - t)
+    print(f'{name}: {2 * 8 * 14336 * 4096 / statistics.median(ts[1:]) / 1e9:.2f} GFLOP/s')
+"""
 
 
 # ------------------------------------------------------------------ build
@@ -190,7 +213,7 @@ def measure(name: str, cmd: list, timeout: int, log: Path) -> dict:
     status = "ok" if r.returncode == 0 else ("timeout" if "status 137" in text or r.returncode in (124, 137)
                                              else f"exit {r.returncode}")
     # the product's own account of where the time went (load vs the step itself), when it prints one
-    detail = re.findall(r"^(?:first step done.*|\[latent phase.*|done in .*|loaded in .*|greedy after.*)$",
+    detail = re.findall(r"^(?:first step done.*|\[latent phase.*|done in .*|loaded in .*|greedy after.*|[\w ,-]+: [\d.]+ GFLOP/s)$",
                         text, re.M)
     res = {"step": name, "seconds": round(wall, 1), "cpu_seconds": cpu, "peak_rss_gb": round(rss, 2),
            "status": status,
@@ -304,6 +327,8 @@ def run(a):
 
     print(f"check_8b: work dir {work}, steps {','.join(steps)}, config "
           f"{'TINY' if a.tiny else 'Llama-3.1-8B'} ({full} layers), timeout {a.timeout} s", flush=True)
+    if "matmul" in steps:
+        record(measure("matmul GFLOP/s", [sys.executable, "-c", MATMUL], a.timeout, logs / "matmul.log"))
     if "build" in steps:
         shutil.rmtree(hf, ignore_errors=True)
         record(measure("build", me("--work", str(work), "--_build", "--shard-gb", str(a.shard_gb)) +
