@@ -216,6 +216,7 @@ def measure(name: str, cmd: list, timeout: int, log: Path) -> dict:
     detail = re.findall(r"^(?:first step done.*|\[latent phase.*|done in .*|loaded in .*|greedy after.*|[\w ,-]+: [\d.]+ GFLOP/s)$",
                         text, re.M)
     res = {"step": name, "seconds": round(wall, 1), "cpu_seconds": cpu, "peak_rss_gb": round(rss, 2),
+           "step_peak_gb": step_peak(text),
            "status": status,
            "detail": " / ".join(detail),
            "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2),
@@ -230,6 +231,13 @@ def cpu_seconds(text: str) -> float:
     the wall time with the load (the wall time is what the step took here, the CPU time its cost)."""
     found = re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)
     return round(sum(float(x) for x in found), 1) if found else float("nan")
+
+
+def step_peak(text: str) -> float:
+    """`train`'s own peak (MLX's, reset when the epoch starts): the step without the load's transients
+    (a bf16 base cast to fp32 briefly holds both), which the RSS includes."""
+    found = re.findall(r"\| peak ([\d.]+) GB", text)
+    return float(found[-1]) if found else None
 
 
 def cli(*args) -> list:
@@ -318,8 +326,9 @@ def run(a):
     results_file = work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else []
     for r in results:  # rows written by an older version of this script
-        if "cpu_seconds" not in r and Path(r.get("log", "")).is_file():
+        if "step_peak_gb" not in r and Path(r.get("log", "")).is_file():
             r["cpu_seconds"] = cpu_seconds(Path(r["log"]).read_text())
+            r["step_peak_gb"] = step_peak(Path(r["log"]).read_text())
 
     def record(res):
         results[:] = [r for r in results if r["step"] != res["step"]] + [res]
@@ -405,12 +414,13 @@ def run(a):
 
 
 def print_table(results):
-    print("\n| step | wall s | CPU s | peak RSS (GB) | load avg (start → end) | status |")
-    print("|---|---:|---:|---:|---|---|")
+    print("\n| step | wall s | CPU s | peak RSS (GB) | train's step peak (GB) | load avg (start → end) | status |")
+    print("|---|---:|---:|---:|---:|---|---|")
     for r in results:
         load = (f"{r['load_start']:.2f} → {r['load_end']:.2f}" if r.get("load_start") is not None else "—")
+        step = f"{r['step_peak_gb']:.2f}" if r.get("step_peak_gb") else "—"
         print(f"| {r['step']} | {r['seconds']:.1f} | {r.get('cpu_seconds', float('nan')):.1f} | "
-              f"{r['peak_rss_gb']:.2f} | {load} | {r['status']} |")
+              f"{r['peak_rss_gb']:.2f} | {step} | {load} | {r['status']} |")
     print("\ncommands (and what they printed about their time):")
     for r in results:
         print(f"  {r['step']}: {r['command']}")
