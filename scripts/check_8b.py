@@ -438,7 +438,7 @@ def main(argv=None):
                    help="also train/generate at the full depth (may hit --timeout)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per step")
     p.add_argument("--new-tokens", type=int, default=4, help="generate: new tokens")
-    p.add_argument("--curve", default="1x64,4x128,8x128,8x256",
+    p.add_argument("--curve", default="1x64,4x128,8x128,8x256,8x512",
                    help="curve: BATCHxTOKENS shapes (records of about TOKENS tokens)")
     p.add_argument("--curve-layers", type=int, default=1, help="curve: depth")
     p.add_argument("--curve-base", choices=["dense", "qlora"], default="dense",
