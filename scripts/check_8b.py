@@ -13,15 +13,17 @@ each in its own subprocess under `/usr/bin/time -v` (wall seconds, peak RSS) and
   latent    mlx-coconut latent-tokens (load, add the tokens, one greedy token before and after)
   train     one QLoRA step at stage 1 (c=2, --grad-checkpoint, batch 1, one short record)
   generate  mlx-coconut generate --show-latents from that step's run, a few new tokens
-  curve     peak RSS of one QLoRA step over batch x length at reduced depth (memory curve)
+  curve     the same step's peak over batch x length at 1-2 blocks (memory curve; a dense fp32 base
+            by default, fast here, or --curve-base qlora)
 
 A 4-bit matmul on a Linux CPU is slow, so train / generate also run at the 8B layer shape with
---layers (1,2,4) blocks (models cut from the converted one) and are extrapolated linearly to 32;
-extrapolated rows say so. Results go to WORK/results.json and the table is printed at the end.
+--layers (1,2,4) blocks (models cut from the converted one) and are extrapolated linearly to 32
+(fit the CPU seconds: the wall seconds follow the load of a shared machine); extrapolated rows say
+so. Results go to WORK/results.json (kept across invocations) and the table is printed at the end.
 
-    python scripts/check_8b.py --work /tmp/big8b                        # everything (hours on a CPU)
+    python scripts/check_8b.py --work /tmp/big8b --timeout 2400         # everything (~1.5 h here)
     python scripts/check_8b.py --work /tmp/big8b --steps train,generate --full-depth no
-    python scripts/check_8b.py --work /tmp/tiny8b --tiny                # seconds: a tiny config
+    python scripts/check_8b.py --work /tmp/tiny8b --tiny                # ~1 min: a tiny config
 """
 
 import argparse
