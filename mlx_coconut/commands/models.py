@@ -32,8 +32,11 @@ def convert(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, force):
 @click.option("--model", "model_path", required=True, metavar="DIR", help="A converted model directory.")
 @click.option("--prompt", default="The capital of France is", show_default=True)
 @click.option("--max-tokens", default=12, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Cast the weights (default: as stored; use float32 on a Linux CPU, where a bf16 "
+                   "4-bit model computes ~10x slower).")
 @friendly_errors
-def latent_tokens(model_path, prompt, max_tokens):
+def latent_tokens(model_path, prompt, max_tokens, dtype):
     """Add <|start-latent|> <|latent|> <|end-latent|> in memory; show ids and a greedy check."""
     import mlx.core as mx
 
@@ -45,7 +48,7 @@ def latent_tokens(model_path, prompt, max_tokens):
         raise UserError("--prompt is empty")
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1 (got {max_tokens})")
-    model, _ = load_model(model_path)
+    model, _ = load_model(model_path, dtype=getattr(mx, dtype) if dtype else None)
     tokenizer = load_tokenizer(model_path)
 
     def greedy():
