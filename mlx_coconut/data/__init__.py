@@ -2,7 +2,7 @@
 problems and `data stats`, one module each. Import the public names from here:
 `from mlx_coconut.data import Record, FormatConfig, format_record, collate`.
 
-Dependencies run one way: records <- download, synth, chains; records <- format <- collate, stats.
+Dependencies run one way: records <- download, synth <- chains; records <- format <- collate, stats.
 """
 
 from .records import (FORMATS, Record, detect_format, load_records, normalize_answer, parse_gsm8k_answer,

@@ -19,6 +19,7 @@ import random
 
 from ..errors import UserError
 from .records import Record
+from .synth import draw_records
 
 WORDS = ("cat", "dog", "sun", "red", "fox", "owl", "bee", "pig", "hen", "ant", "ram", "bat", "cod", "ape",
          "box", "cup", "hat", "pen", "car", "bus", "map", "key", "bag", "bed")
@@ -54,12 +55,4 @@ def chain_records(n: int, seed: int = 0, min_hops: int = 1, max_hops: int = 3, n
         raise UserError(f"--nodes must be more than --max-steps ({max_hops}) and at most {len(WORDS)} "
                         f"(got {nodes}): a walk must not come back to its start")
     r = random.Random(seed)
-    records, tries = [], 0
-    while len(records) < n:
-        tries += 1
-        if tries > 20 * n + 1000:
-            raise UserError(f"could not draw {n} questions that are not excluded (got {len(records)})")
-        record = chain_record(r, r.randint(min_hops, max_hops), nodes)
-        if record.question not in exclude:
-            records.append(record)
-    return records
+    return draw_records(n, lambda: chain_record(r, r.randint(min_hops, max_hops), nodes), exclude)

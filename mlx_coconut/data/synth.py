@@ -184,15 +184,19 @@ def synth_records(n: int, seed: int = 0, min_steps: int = 1, max_steps: int = 5,
     if max_steps > 10:
         raise UserError(f"--max-steps must be at most 10 (got {max_steps})")
     r = random.Random(seed)
-    if not exclude:
-        return [synth_record(r, r.randint(min_steps, max_steps), ops, max_value, style) for _ in range(n)]
+    return draw_records(n, lambda: synth_record(r, r.randint(min_steps, max_steps), ops, max_value, style),
+                        exclude)
+
+
+def draw_records(n: int, draw, exclude=frozenset()) -> list:
+    """`n` records from `draw()` whose questions are not in `exclude` (a held-out split)."""
     records, tries = [], 0
     while len(records) < n:
         tries += 1
         if tries > 20 * n + 1000:
             raise UserError(f"could not draw {n} problems that are not excluded (got {len(records)}): "
                             f"the excluded set covers most of this generator's questions")
-        record = synth_record(r, r.randint(min_steps, max_steps), ops, max_value, style)
+        record = draw()
         if record.question not in exclude:
             records.append(record)
     return records
