@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from .data import collate_prompts
+from .fastexp import exp
 from .model import KVCache, Model
 
 IGNORE = -100
@@ -55,7 +56,7 @@ def cross_entropy(logits, targets):
     differentiated): one exp pass serves the loss and its gradient, where the generic logsumexp
     forward and softmax backward exponentiate the vocabulary twice."""
     m = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-    e = mx.exp(logits - m)
+    e = exp(logits - m)
     s = e.sum(axis=-1, keepdims=True)
     picked = mx.take_along_axis(logits, targets[:, None], axis=-1)
     return (m + mx.log(s) - picked)[:, 0], e / s

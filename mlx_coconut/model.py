@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UserError
+from .fastexp import attention, silu
 
 LLAMA_LIKE = {"llama", "mistral"}  # same block; mistral only differs by defaults we read from config
 
@@ -177,8 +178,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, positions), self.rope(k, positions)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # The fused kernel handles GQA (fewer kv heads) without repeating K/V.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attention(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -191,7 +191,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class TransformerBlock(nn.Module):
