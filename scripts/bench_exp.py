@@ -75,6 +75,7 @@ def steps(model_path, repeats: int, batch_size: int):
     fns = {f"{side} {name}": (lambda s, n: lambda: run(s, n))(side, name)
            for name in batches for side in steppers}
     runs = bc.alternate(fns, repeats, log=False)
+    result = {}
     for name, b in batches.items():
         o, m = runs[f"ours {name}"], runs[f"mlx {name}"]
         gdiff = max(mx.abs(a - c).max().item() / max(mx.abs(c).max().item(), 1e-30)
@@ -84,7 +85,11 @@ def steps(model_path, repeats: int, batch_size: int):
               f"{bc.median(m, 's'):.2f} s (best {min(x['s'] for x in m):.2f}); loss rel diff "
               f"{abs(o[-1]['loss'] - m[-1]['loss']) / abs(m[-1]['loss']):.1e}, largest gradient "
               f"diff / its tensor's max {gdiff:.1e}")
-        print(f"RATIO {name}: mlx/ours time = {bc.paired_ratio(m, o, 's'):.3f}")
+        ratio = bc.paired_ratio(m, o, "s")
+        print(f"RATIO {name}: mlx/ours time = {ratio:.3f}")
+        result[name] = {"ratio": ratio, "gradient_diff": gdiff,
+                        "loss_rel": abs(o[-1]["loss"] - m[-1]["loss"]) / abs(m[-1]["loss"])}
+    return result
 
 
 def main(argv=None):
@@ -95,7 +100,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     bc.header("bench_exp: our CPU exp / SiLU vs MLX's, ops and training steps")
     ops(args.repeats * 2)
-    steps(bc.resolve_model(args.model), args.repeats, args.batch_size)
+    return steps(bc.resolve_model(args.model), args.repeats, args.batch_size)
 
 
 if __name__ == "__main__":

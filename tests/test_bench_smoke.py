@@ -64,6 +64,13 @@ def test_bench_memory(capsys):
     assert "RESULT QLoRA" in capsys.readouterr().out
 
 
+def test_bench_exp(tiny_dir, shared_data):
+    """Both sides compute the same step: the CPU exp moves the loss and gradients by rounding only."""
+    r = run("bench_exp", "--model", tiny_dir, "--repeats", 1, "--batch-size", 2)
+    assert set(r) == {"stage 0", "stage 1 (c=1)"}
+    assert all(v["loss_rel"] < 1e-5 and v["gradient_diff"] < 1e-3 and v["ratio"] > 0 for v in r.values())
+
+
 def test_bench_torch_ours_side(tiny_dir, shared_data, capsys):
     """The MLX half alone (no torch needed): the steps `perf record` profiles."""
     run("bench_torch", "--model", tiny_dir, "--batch-size", 2, "--ours-only", 1)
