@@ -20,6 +20,11 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def _takes(x: mx.array) -> bool:
+    """Whether x gets the CPU versions below (fp32 on the CPU; MLX's own ops otherwise)."""
+    return on_cpu() and x.dtype == mx.float32
+
+
 def cephes_exp(x: mx.array) -> mx.array:
     """e^x in fp32: x = n ln2 + r, e^r by the polynomial, 2^n written into the exponent bits. Inputs
     are clipped to [-87.3, 88.3] so 2^n stays a normal number: results below ~1e-38 come out as
@@ -35,7 +40,7 @@ def cephes_exp(x: mx.array) -> mx.array:
 
 
 def exp(x: mx.array) -> mx.array:
-    return cephes_exp(x) if on_cpu() and x.dtype == mx.float32 else mx.exp(x)
+    return cephes_exp(x) if _takes(x) else mx.exp(x)
 
 
 def _sigmoid(x):
@@ -58,7 +63,7 @@ _fused_cpu_silu = mx.compile(_cpu_silu)  # one kernel when called eagerly too (d
 
 
 def silu(x: mx.array) -> mx.array:
-    return _fused_cpu_silu(x) if on_cpu() and x.dtype == mx.float32 else nn.silu(x)
+    return _fused_cpu_silu(x) if _takes(x) else nn.silu(x)
 
 
 @mx.custom_function
@@ -74,7 +79,7 @@ def _cpu_softmax_vjp(primals, cotangent, output):
 
 def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis (fp32 in, fp32 out on the CPU)."""
-    return _cpu_softmax(x) if on_cpu() and x.dtype == mx.float32 else mx.softmax(x, axis=-1, precise=True)
+    return _cpu_softmax(x) if _takes(x) else mx.softmax(x, axis=-1, precise=True)
 
 
 def attention(q, k, v, scale: float, mask):
@@ -83,7 +88,7 @@ def attention(q, k, v, scale: float, mask):
     same matmuls around a scalar-exp softmax. Single-query steps (decoding) keep MLX's kernel: their
     softmax is tiny and their shapes change every token."""
     B, n_q, L, D = q.shape
-    if L == 1 or not on_cpu() or q.dtype != mx.float32:
+    if L == 1 or not _takes(q):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     n_kv, S = k.shape[1], k.shape[2]
     q = (q * scale).reshape(B, n_kv, n_q // n_kv, L, D)

@@ -78,17 +78,17 @@ def steps(model_path, repeats: int, batch_size: int):
     result = {}
     for name, b in batches.items():
         o, m = runs[f"ours {name}"], runs[f"mlx {name}"]
+        loss_rel = abs(o[-1]["loss"] - m[-1]["loss"]) / abs(m[-1]["loss"])
         gdiff = max(mx.abs(a - c).max().item() / max(mx.abs(c).max().item(), 1e-30)
                     for a, c in zip(o[-1]["grads"], m[-1]["grads"]))
         print(f"  {name} ({b['input_ids'].shape[0]} x {b['input_ids'].shape[1]}): ours "
               f"{bc.median(o, 's'):.2f} s/step (best {min(x['s'] for x in o):.2f}), MLX ops "
               f"{bc.median(m, 's'):.2f} s (best {min(x['s'] for x in m):.2f}); loss rel diff "
-              f"{abs(o[-1]['loss'] - m[-1]['loss']) / abs(m[-1]['loss']):.1e}, largest gradient "
+              f"{loss_rel:.1e}, largest gradient "
               f"diff / its tensor's max {gdiff:.1e}")
         ratio = bc.paired_ratio(m, o, "s")
         print(f"RATIO {name}: mlx/ours time = {ratio:.3f}")
-        result[name] = {"ratio": ratio, "gradient_diff": gdiff,
-                        "loss_rel": abs(o[-1]["loss"] - m[-1]["loss"]) / abs(m[-1]["loss"])}
+        result[name] = {"ratio": ratio, "gradient_diff": gdiff, "loss_rel": loss_rel}
     return result
 
 
