@@ -8,9 +8,10 @@ Public API (imported lazily, so `import mlx_coconut` stays cheap):
     loss_fn / generate / continuous_forward: the latent loop itself (coconut.py)
 """
 
-from . import blas as _blas
+from . import blas as _blas, malloc as _malloc
 
 _blas.setup()  # on Linux, a fast BLAS for MLX: must run before anything imports mlx.core (blas.py)
+_malloc.setup()  # on Linux, freed arrays' memory reused instead of unmapped (malloc.py)
 
 __version__ = "0.1.0"
 

@@ -71,6 +71,14 @@ def test_bench_exp(tiny_dir, shared_data):
     assert all(v["loss_rel"] < 1e-5 and v["gradient_diff"] < 1e-3 and v["ratio"] > 0 for v in r.values())
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings: Linux only")
+def test_bench_malloc(tiny_dir, shared_data):
+    """Each side in a child of its own, with its setting; both compute the same steps."""
+    r = run("bench_malloc", "--model", tiny_dir, "--repeats", 1, "--steps", 1, "--batch-size", 2)
+    assert {"stage 0", "stage 1 (c=1)"} <= set(r)
+    assert all(r[k]["loss_rel"] < 1e-6 and r[k]["ratio"] > 0 for k in ("stage 0", "stage 1 (c=1)"))
+
+
 def test_bench_torch_ours_side(tiny_dir, shared_data, capsys):
     """The MLX half alone (no torch needed): the steps `perf record` profiles."""
     run("bench_torch", "--model", tiny_dir, "--batch-size", 2, "--ours-only", 1)

@@ -90,13 +90,13 @@ def fuse(run_dir, out, dequantize, upload_repo, force):
 
 @click.command()
 def info():
-    """Versions, the device MLX computes on, and which BLAS it uses with its speed (Linux)."""
+    """Versions, the device MLX computes on, which BLAS it uses with its speed, and the malloc setting (Linux)."""
     import platform
     from importlib.metadata import version
 
     import mlx.core as mx
 
-    from .. import blas
+    from .. import blas, malloc
 
     click.echo(f"mlx-coconut {version('mlx-coconut')}, mlx {version('mlx')}, mlx-lm {version('mlx-lm')}, "
                f"python {platform.python_version()}, {platform.system()} {platform.machine()}")
@@ -104,3 +104,4 @@ def info():
     if sys.platform == "linux":
         click.echo(f"BLAS: {blas.describe()}")
         click.echo(f"fp32 1024x1024x1024 matmul: {blas.matmul_gflops():.1f} GFLOP/s")
+        click.echo(f"malloc: {malloc.describe()}")
