@@ -29,11 +29,13 @@ def child(model_path, batch_size: int, steps: int):
     from bench_torch import gsm8k_batches
     from mlx_coconut import malloc
     from mlx_coconut.optimizer import make_optimizer
+    from mlx_coconut.trainer import make_update
     from mlx_coconut.training import Stepper
     from mlx_coconut.options import TrainConfig, with_defaults
 
     model, _, _, batches = gsm8k_batches(model_path, batch_size)
     optimizer = make_optimizer(model, with_defaults(TrainConfig(), {}, "float32"))  # lr 1e-4, decay 0.01
+    update = make_update(model, optimizer, use_compile=True)  # compiled, as train runs it
     stepper = Stepper(model, feedback=True, use_compile=True)
     out = {"kept": malloc.STATE["kept"]}
     for name, batch in batches.items():
@@ -41,7 +43,7 @@ def child(model_path, batch_size: int, steps: int):
         for i in range(steps + 1):
             f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             loss, _, grads = stepper(batch)
-            optimizer.update(model, grads)
+            update(grads, 1.0)
             mx.eval(loss, model.parameters(), optimizer.state)
             if i:  # the first step traces and compiles
                 times.append(time.perf_counter() - t)

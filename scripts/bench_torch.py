@@ -41,7 +41,7 @@ def torch_worker(model_dir: str, threads: int):
     torch.set_num_threads(threads)
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.train()  # as the official training loop (Llama has no dropout by default)
-    batches, latent_id, per_position = {}, None, False
+    batches, latent_id, per_position, optimizer = {}, None, False, None
     reply = sys.stdout
     sys.stdout = sys.stderr  # nothing but replies on the pipe
 
@@ -51,6 +51,8 @@ def torch_worker(model_dir: str, threads: int):
         t = time.perf_counter()
         loss = coconut_loss_torch(model, input_ids, labels, attn, pos, latent_id, per_position)
         loss.backward()
+        if optimizer is not None:
+            optimizer.step()
         dt = time.perf_counter() - t
         gnorm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()
                                if p.grad is not None)).item()
@@ -60,6 +62,8 @@ def torch_worker(model_dir: str, threads: int):
         req = json.loads(line)
         if req["cmd"] == "setup":
             latent_id, per_position = req["latent_id"], req["per_position"]
+            if req.get("lr"):  # the official loop's torch.optim.AdamW, torch's defaults otherwise
+                optimizer = torch.optim.AdamW(model.parameters(), lr=req["lr"], weight_decay=req["weight_decay"])
             emb = model.get_input_embeddings()
             if req["vocab_rows"] != emb.weight.shape[0]:
                 model.resize_token_embeddings(req["vocab_rows"], mean_resizing=False)
@@ -213,6 +217,9 @@ def main(argv=None):
                    "official code does (default: one whole-column update)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one torch step per stage (torch.profiler, per op group)")
+    p.add_argument("--optimizer", action="store_true",
+                   help="whole training steps: both sides also apply their AdamW update (lr 1e-4, weight decay "
+                   "0.01; torch.optim.AdamW as the official loop, ours as `train`)")
     p.add_argument("--ours-only", type=int, default=0, metavar="N",
                    help="only run N steps of ours per stage, no torch (for perf record)")
     args = p.parse_args(argv)
@@ -226,23 +233,33 @@ def main(argv=None):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    from mlx_coconut.optimizer import make_optimizer
+    from mlx_coconut.options import TrainConfig, with_defaults
     from mlx_coconut.tokens import vocab_rows
+    from mlx_coconut.trainer import make_update
     from mlx_coconut.training import Stepper
 
     path = bc.resolve_model(args.model)
-    bc.header("bench_torch: full-weight COCONUT fwd+bwd, PyTorch (transformers) vs ours")
+    bc.header("bench_torch: full-weight COCONUT " + ("training step (with AdamW)" if args.optimizer else "fwd+bwd")
+              + ", PyTorch (transformers) vs ours")
     model, ids, new_ids, batches = gsm8k_batches(path, args.batch_size, args.skip)
     for name, b in batches.items():
         print(f"{name}: batch {b['input_ids'].shape[0]} x {b['input_ids'].shape[1]}, "
               f"{int(b['latent_mask'].any(0).sum()) + 1} passes")
 
     stepper = Stepper(model, feedback=True, use_compile=True)
+    optimizer = make_optimizer(model, with_defaults(TrainConfig(), {}, "float32")) if args.optimizer else None
+    update = make_update(model, optimizer, use_compile=True) if optimizer else None  # as train runs it
 
     def ours(name, norm=True):
         def f():
             t = time.perf_counter()
             loss, ntoks, grads = stepper(batches[name])
-            mx.eval(loss, ntoks, grads)
+            if optimizer is None:
+                mx.eval(loss, ntoks, grads)
+            else:
+                update(grads, 1.0)
+                mx.eval(loss, ntoks, grads, model.parameters(), optimizer.state)
             dt = time.perf_counter() - t
             if not norm:
                 return {"s": dt}
@@ -262,7 +279,8 @@ def main(argv=None):
 
     torch_side = TorchSide(python, path, args.threads)
     emb = model.model.embed_tokens.weight
-    info = torch_side("setup", latent_id=ids.latent, per_position=args.official_fill,
+    lr = {"lr": optimizer.learning_rate.item(), "weight_decay": optimizer.weight_decay} if optimizer else {}
+    info = torch_side("setup", latent_id=ids.latent, per_position=args.official_fill, **lr,
                       vocab_rows=vocab_rows(model),
                       rows={str(i): emb[i].tolist() for i in new_ids},
                       batches={n: {k: b[k].tolist() for k in ("input_ids", "labels", "left_pad")}
@@ -278,7 +296,8 @@ def main(argv=None):
     runs = bc.alternate(fns, args.repeats)
 
     result = {}
-    print(f"fwd+bwd step, full weights (median of {args.repeats}, alternating):")
+    what = "fwd+bwd+AdamW update" if args.optimizer else "fwd+bwd"
+    print(f"{what} step, full weights (median of {args.repeats}, alternating):")
     for name in STAGES:
         o, t = runs[f"ours {name}"], runs[f"torch {name}"]
         ratio = bc.paired_ratio(t, o, "s")

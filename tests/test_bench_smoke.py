@@ -85,7 +85,8 @@ def test_bench_torch_ours_side(tiny_dir, shared_data, capsys):
     assert "perf window --time" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("fill", [[], ["--official-fill"]], ids=["column", "per-position"])
+@pytest.mark.parametrize("fill", [[], ["--official-fill"], ["--optimizer"]],
+                         ids=["column", "per-position", "with-adamw"])
 def test_bench_torch(tiny_dir, shared_data, fill):
     """Both sides, with a Python that has torch + transformers (MLX_COCONUT_TORCH_PYTHON, else this
     one); skipped when there is none (torch is not a dependency; CI has none)."""
