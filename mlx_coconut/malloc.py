@@ -17,7 +17,7 @@ import ctypes
 import os
 import sys
 
-CHOICE = "MLX_COCONUT_MALLOC"  # "system": leave glibc's defaults
+CHOICE = "MLX_COCONUT_MALLOC"  # "keep" (the default) or "system" (leave glibc's defaults)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h> parameter numbers
 NEVER_TRIM = 2**31 - 1  # mallopt takes an int: the largest free heap top glibc keeps (2 GB)
 USER_TUNABLES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
@@ -28,15 +28,18 @@ STATE = {"kept": False, "why": "not set up"}
 
 def setup(environ=os.environ, platform: str = sys.platform) -> dict:
     """Keep freed blocks in the process (see the module docstring); returns and records what it did."""
-    STATE.update(kept=False, why=_skip_reason(environ, platform) or _mallopt())
-    STATE["kept"] = STATE["why"] == ""
+    choice = environ.get(CHOICE, "keep").strip().lower() or "keep"
+    if choice not in ("keep", "system"):
+        print(f"warning: {CHOICE}={environ[CHOICE]}: expected keep or system; using keep", file=sys.stderr)
+    why = _skip_reason(environ, platform) or _mallopt()
+    STATE.update(kept=not why, why=why)
     return STATE
 
 
 def _skip_reason(environ, platform: str) -> str:
     if not platform.startswith("linux"):
         return f"not Linux ({platform})"
-    if environ.get(CHOICE, "").lower() == "system":
+    if environ.get(CHOICE, "").strip().lower() == "system":
         return f"{CHOICE}=system"
     chosen = [name for name in USER_TUNABLES if name in environ]
     return f"{chosen[0]} is set" if chosen else ""

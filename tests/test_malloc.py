@@ -52,3 +52,11 @@ def test_a_freed_array_is_reused_without_new_pages():
 ])
 def test_when_it_stands_aside(environ, platform, why):
     assert malloc._skip_reason(environ, platform) == why
+
+
+def test_an_unknown_choice_is_one_warning_line(capsys):
+    state = malloc.setup({malloc.CHOICE: "sometimes"}, "darwin")  # darwin: nothing is changed here
+    assert state["kept"] is False and state["why"] == "not Linux (darwin)"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {malloc.CHOICE}=sometimes: expected keep or system; using keep"]
+    malloc.setup()  # this process's real state back
