@@ -8,7 +8,8 @@ stopped with SIGTERM):
 - ours:   `mlx-coconut train --stage 0 --lora ...` (the console script, or `python -m mlx_coconut.cli`)
           on the --records GSM8k train records, one epoch, no evaluation (--eval-samples 0): its
           "first step done" line (after the step; the same line gives its own phases);
-- mlx-lm: `python -m mlx_lm lora --train` on the same records, formatted by our stage-0 formatter and
+- mlx-lm: `mlx_lm lora --train` (its CLI, started after `import mlx_coconut` so that it runs on
+          the same BLAS: see PEER) on the same records, formatted by our stage-0 formatter and
           decoded to text (`{"text": ...}` lines: the same tokens, a row may differ by a token), with
           the same LoRA (rank, scale, dropout 0, every projection of every layer), AdamW, batch size,
           --iters 1 and --steps-per-report 1: its iteration-1 report line. No valid.jsonl, so mlx-lm
@@ -77,8 +78,14 @@ def ours_cmd(path, args, tmp: Path, run: int) -> list:
                    "--max-seq-length", "2048"]
 
 
+# mlx-lm's own CLI, with `import mlx_coconut` first for nothing but the process's libraries: on Linux
+# MLX's wheel would otherwise run mlx-lm's matmuls on its reference BLAS (~60x slower), which is no
+# yardstick. (It also gets our malloc setting; nothing of our model or training code is used.)
+PEER = "import sys, mlx_coconut; from mlx_lm import cli; cli.main()"
+
+
 def peer_cmd(path, args, tmp: Path, run: int) -> list:
-    return [sys.executable, "-m", "mlx_lm", "lora", "-c", str(tmp / "lm.yaml"), "--model", str(path),
+    return [sys.executable, "-c", PEER, "lora", "-c", str(tmp / "lm.yaml"), "--model", str(path),
             "--train", "--data", str(tmp / "lm"), "--batch-size", str(args.batch_size), "--iters", "1",
             "--steps-per-report", "1", "--learning-rate", "1e-4", "--max-seq-length", "2048",
             "--adapter-path", str(tmp / f"adapters{run}"), "--seed", "0"]
