@@ -28,18 +28,21 @@ STATE = {"kept": False, "why": "not set up"}
 
 def setup(environ=os.environ, platform: str = sys.platform) -> dict:
     """Keep freed blocks in the process (see the module docstring); returns and records what it did."""
-    choice = environ.get(CHOICE, "keep").strip().lower() or "keep"
-    if choice not in ("keep", "system"):
+    if _choice(environ) not in ("keep", "system"):
         print(f"warning: {CHOICE}={environ[CHOICE]}: expected keep or system; using keep", file=sys.stderr)
     why = _skip_reason(environ, platform) or _mallopt()
     STATE.update(kept=not why, why=why)
     return STATE
 
 
+def _choice(environ) -> str:
+    return environ.get(CHOICE, "").strip().lower() or "keep"
+
+
 def _skip_reason(environ, platform: str) -> str:
     if not platform.startswith("linux"):
         return f"not Linux ({platform})"
-    if environ.get(CHOICE, "").strip().lower() == "system":
+    if _choice(environ) == "system":
         return f"{CHOICE}=system"
     chosen = [name for name in USER_TUNABLES if name in environ]
     return f"{chosen[0]} is set" if chosen else ""

@@ -81,7 +81,7 @@ def ours_cmd(path, args, tmp: Path, run: int) -> list:
 # mlx-lm's own CLI, with `import mlx_coconut` first for nothing but the process's libraries: on Linux
 # MLX's wheel would otherwise run mlx-lm's matmuls on its reference BLAS (~60x slower), which is no
 # yardstick. (It also gets our malloc setting; nothing of our model or training code is used.)
-PEER = "import sys, mlx_coconut; from mlx_lm import cli; cli.main()"
+PEER = "import mlx_coconut; from mlx_lm import cli; cli.main()"
 
 
 def peer_cmd(path, args, tmp: Path, run: int) -> list:

@@ -9,6 +9,7 @@ timed steps. Prints per-step times, faults and peak RSS, and the ratio system / 
     python scripts/bench_malloc.py [--model DIR] [--repeats 3] [--steps 6]
 """
 
+import argparse
 import json
 import os
 import resource
@@ -26,16 +27,12 @@ def child(model_path, batch_size: int, steps: int):
     """Time `steps` full training steps per stage after one warm-up step; print one JSON line."""
     import mlx.core as mx
 
-    from bench_torch import gsm8k_batches
+    from bench_torch import gsm8k_batches, train_update
     from mlx_coconut import malloc
-    from mlx_coconut.optimizer import make_optimizer
-    from mlx_coconut.trainer import make_update
     from mlx_coconut.training import Stepper
-    from mlx_coconut.options import TrainConfig, with_defaults
 
     model, _, _, batches = gsm8k_batches(model_path, batch_size)
-    optimizer = make_optimizer(model, with_defaults(TrainConfig(), {}, "float32"))  # lr 1e-4, decay 0.01
-    update = make_update(model, optimizer, use_compile=True)  # compiled, as train runs it
+    optimizer, update = train_update(model)
     stepper = Stepper(model, feedback=True, use_compile=True)
     out = {"kept": malloc.STATE["kept"]}
     for name, batch in batches.items():
@@ -70,7 +67,7 @@ def main(argv=None):
     p = bc.parser(__doc__.splitlines()[0], repeats=3)
     p.add_argument("--batch-size", type=int, default=8, help="GSM8k records in the batch")
     p.add_argument("--steps", type=int, default=6, help="timed steps per stage in each child")
-    p.add_argument("--child", action="store_true", help=argparse_hidden())
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.model = bc.resolve_model(args.model)
     if args.child:
@@ -95,11 +92,6 @@ def main(argv=None):
                                    "system": bc.median(system, "faults_per_step")}}
     print(f"  peak RSS: kept {result['peak_rss_gb']['kept']:.2f} GB, system {result['peak_rss_gb']['system']:.2f} GB")
     return result
-
-
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

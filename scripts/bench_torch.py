@@ -203,6 +203,17 @@ def gsm8k_batches(path, batch_size: int, skip: int = 0, stages=STAGES):
     return model, ids, new_ids, batches
 
 
+def train_update(model) -> tuple:
+    """(AdamW with `train`'s defaults — lr 1e-4, weight decay 0.01 — and its update compiled as `train`
+    compiles it): `update(grads, 1.0)` is one optimizer step."""
+    from mlx_coconut.optimizer import make_optimizer
+    from mlx_coconut.options import TrainConfig, with_defaults
+    from mlx_coconut.trainer import make_update
+
+    optimizer = make_optimizer(model, with_defaults(TrainConfig(), {}, "float32"))
+    return optimizer, make_update(model, optimizer, use_compile=True)
+
+
 def main(argv=None):
     import bench_common as bc
 
@@ -233,10 +244,7 @@ def main(argv=None):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_coconut.optimizer import make_optimizer
-    from mlx_coconut.options import TrainConfig, with_defaults
     from mlx_coconut.tokens import vocab_rows
-    from mlx_coconut.trainer import make_update
     from mlx_coconut.training import Stepper
 
     path = bc.resolve_model(args.model)
@@ -248,8 +256,7 @@ def main(argv=None):
               f"{int(b['latent_mask'].any(0).sum()) + 1} passes")
 
     stepper = Stepper(model, feedback=True, use_compile=True)
-    optimizer = make_optimizer(model, with_defaults(TrainConfig(), {}, "float32")) if args.optimizer else None
-    update = make_update(model, optimizer, use_compile=True) if optimizer else None  # as train runs it
+    optimizer, update = train_update(model) if args.optimizer else (None, None)
 
     def ours(name, norm=True):
         def f():
