@@ -81,6 +81,9 @@ class TrainConfig:
                                    check=at_least(1))
     eval_samples: Optional[int] = option("Validation questions for loss + accuracy each epoch.", 32,
                                          inherit=True, check=at_least(0))
+    val_batches: Optional[int] = option("Validation-loss batches (of --batch-size) each epoch; -1: all "
+                                        "--eval-samples questions, 0: no loss (accuracy only).", -1,
+                                        inherit=True, check=at_least(-1))
     # COCONUT
     stage: int = option("Curriculum stage: 0 = CoT, k = first k steps -> k*c thoughts.", shown="0",
                         initial=0, check=at_least(0))

@@ -371,6 +371,28 @@ def test_cli_yaml_config_runs(tiny, tmp_path):
     assert r.exit_code == 2 and "--resume" in r.stderr
 
 
+@pytest.mark.parametrize("val_batches, expect", [(-1, [2, 2]), (1, [2]), (0, None)])
+def test_val_batches_limits_the_validation_loss(tiny, tmp_path, monkeypatch, val_batches, expect):
+    """--val-batches N: the loss on the first N validation batches (-1: all, 0: none); the accuracy
+    is still on every --eval-samples question."""
+    from mlx_coconut.training import evaluation
+    seen, real = [], evaluation.validation_loss
+
+    def spy(model, batches, *args, **kw):
+        seen.append([len(b) for b in batches])
+        return real(model, batches, *args, **kw)
+    monkeypatch.setattr(evaluation, "validation_loss", spy)
+    out = tmp_path / "run"
+    train.run(cfg(tiny, out, epochs=1, samples=8, batch_size=2, eval_samples=4, max_new_tokens=2,
+                  val_batches=val_batches), log=quiet)
+    entry = json.loads((out / "eval.json").read_text())[0]
+    assert entry["n"] == 4
+    if expect is None:
+        assert seen == [] and "valid_loss" not in entry
+    else:
+        assert seen == [expect] and math.isfinite(entry["valid_loss"])
+
+
 # ---------------------------------------------------------------- the step itself
 
 

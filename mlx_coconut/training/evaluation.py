@@ -12,8 +12,8 @@ from ..evaluate import BATCH_SIZE as EVAL_BATCH_SIZE, evaluate, evaluate_sharded
 
 
 def epoch_entry(stage, epoch: int, step: int, warnings=None) -> dict:
-    """Validation loss + greedy generation accuracy on the stage's validation records, 5 sample
-    predictions (logged), as eval.json's entry for `epoch`."""
+    """Validation loss (on --val-batches of them) + greedy generation accuracy on the stage's
+    validation records, 5 sample predictions (logged), as eval.json's entry for `epoch`."""
     model, tokenizer, cfg, dist, log = stage.model, stage.tokenizer, stage.cfg, stage.dist, stage.log
     model.eval()
     entry = {"epoch": epoch + 1, "step": step, "stage": cfg.stage}
@@ -25,7 +25,10 @@ def epoch_entry(stage, epoch: int, step: int, warnings=None) -> dict:
     vex = [format_record(r, tokenizer, vfcfg, stage.special) for r in stage.valid]
     vex = [e for e in vex if len(e.input_ids) <= cfg.max_seq_length]
     vb = [vex[i:i + cfg.batch_size] for i in range(0, len(vex), cfg.batch_size)]
-    entry["valid_loss"] = validation_loss(model, vb, stage.special, cfg, dist)
+    if cfg.val_batches >= 0:  # the loss on the first few batches only: a forward pass is dear
+        vb = vb[:cfg.val_batches]
+    if vb:
+        entry["valid_loss"] = validation_loss(model, vb, stage.special, cfg, dist)
     batch = max(cfg.batch_size, EVAL_BATCH_SIZE)
     if dist is not None and dist.enabled:  # each rank generates for its share, results gathered
         res = evaluate_sharded(dist, model, tokenizer, stage.settings, stage.valid, batch_size=batch,
@@ -35,7 +38,8 @@ def epoch_entry(stage, epoch: int, step: int, warnings=None) -> dict:
                        max_tokens=cfg.max_new_tokens)
     entry.update(res.summary())
     entry["samples"] = res.examples[:5]
-    log(f"epoch {epoch + 1}: valid loss {entry['valid_loss']:.4f} | accuracy {res.accuracy:.3f} "
+    loss = f"valid loss {entry['valid_loss']:.4f} | " if "valid_loss" in entry else ""
+    log(f"epoch {epoch + 1}: {loss}accuracy {res.accuracy:.3f} "
         f"({sum(e['correct'] for e in res.examples)}/{res.n}) | {res.mean_generated_tokens:.1f} "
         f"generated tokens/question | {res.seconds:.1f}s")
     for e in res.examples[:5]:
