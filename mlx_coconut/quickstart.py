@@ -65,10 +65,12 @@ class Budget:
     test: int
     rows: tuple
     synth: tuple = TASK          # extra `data synth` flags (difficulty)
-    # flags of every run from the model (CoT, no-CoT)
-    train_flags: tuple = ("--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--bucket", "8")
-    # flags of every latent-stage run (started with --init)
-    latent_flags: tuple = ("--c-thought", "2", "--epochs", "5")
+    # flags of every run from the model (CoT, no-CoT); LoRA: a step takes ~60% of a full one's time
+    # and learned as well here; the loss on 4 validation batches (the accuracy on all of them)
+    train_flags: tuple = ("--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--bucket", "8", "--lora",
+                          "--val-batches", "4")
+    # flags of every latent-stage run (started with --init; LoRA continues the --init run's adapters)
+    latent_flags: tuple = ("--c-thought", "2", "--epochs", "5", "--lora")
     max_tokens: int = 24         # new tokens per answer at eval
     note: str = ""
 
@@ -81,7 +83,7 @@ BUDGETS = {
     "long": Budget(train=400, valid=100, test=200, rows=tuple(ROWS),
                    note="the default plus five 5-epoch runs; not yet timed from scratch"),
     "small": Budget(train=8, valid=2, test=4, rows=tuple(ROWS), synth=("--min-steps", "1", "--max-steps", "2"),
-                    latent_flags=("--c-thought", "2", "--epochs", "1"), max_tokens=12,
+                    latent_flags=("--c-thought", "2", "--epochs", "1", "--lora"), max_tokens=12,
                     note="CI smoke test of every row: a few steps each, ~2-4 minutes"),
 }
 SPLITS = ("train", "valid", "test")
@@ -161,6 +163,7 @@ def make_plan(out: Path, budget_name: str, gguf: Path, seed: int = 0) -> Plan:
 # the flags a finished run must have been trained with for the quickstart to reuse it
 CHECKED = {"--seed": "seed", "--epochs": "epochs", "--stage": "stage", "--mode": "mode",
            "--c-thought": "c_thought", "--batch-size": "batch_size", "--lr": "learning_rate"}
+SWITCHES = {"--lora": "lora"}  # checked too: on when the flag is in the command
 
 
 def _existing_run(run: Path, argv: list):
@@ -184,6 +187,11 @@ def _existing_run(run: Path, argv: list):
                 raise UserError(f"{run}: trained with {flag} {have}, this quickstart needs {want} "
                                 f"(another --seed or an older quickstart in the same --out): use "
                                 f"another --out, or --force to retrain")
+    for flag, name in SWITCHES.items():
+        if name in config and bool(config[name]) != (flag in argv):
+            have, want = (flag, "--no-" + flag[2:]) if config[name] else ("--no-" + flag[2:], flag)
+            raise UserError(f"{run}: trained with {have}, this quickstart needs {want} (an older "
+                            f"quickstart in the same --out): use another --out, or --force to retrain")
     return existing
 
 

@@ -119,6 +119,25 @@ def test_a_run_of_another_seed_is_refused_before_any_step(tmp_path):
     assert ["train", "--resume", "--out", str(cot)] in calls
 
 
+def test_a_full_weight_run_is_refused_where_the_quickstart_trains_lora(tmp_path):
+    """An --out from an older quickstart (full fine-tuning): one line naming --lora, no step runs."""
+    from mlx_coconut.errors import UserError
+
+    plan = quickstart.make_plan(tmp_path, "default", tmp_path / "m.gguf", seed=0)
+    coco = plan.runs["coconut"]
+    coco.mkdir(parents=True)
+    config = {"seed": 0, "epochs": 5, "mode": "coconut", "stage": 1, "c_thought": 2, "lora": False}
+    (coco / "coconut.json").write_text(json.dumps({"checkpoint": "ckpt-0000250", "config": config}))
+    calls = []
+    with pytest.raises(UserError, match="trained with --no-lora, this quickstart needs --lora"):
+        quickstart.execute(plan, calls.append, log=lambda *a: None)
+    assert calls == []
+    config["lora"] = True
+    (coco / "coconut.json").write_text(json.dumps({"checkpoint": "ckpt-0000250", "config": config}))
+    quickstart.execute(plan, calls.append, log=lambda *a: None)
+    assert ["train", "--resume", "--out", str(coco)] in calls
+
+
 def test_seed_draws_other_questions(tmp_path):
     from mlx_coconut.data import synth_records
 
