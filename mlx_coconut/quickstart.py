@@ -65,12 +65,13 @@ class Budget:
     test: int
     rows: tuple
     synth: tuple = TASK          # extra `data synth` flags (difficulty)
-    # flags of every run from the model (CoT, no-CoT); LoRA: a step takes ~60% of a full one's time
-    # and learned as well here; the loss on 4 validation batches (the accuracy on all of them)
-    train_flags: tuple = ("--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--bucket", "8", "--lora",
+    # flags of every run from the model (CoT, no-CoT); the validation loss on 4 batches (the
+    # accuracy on every validation question)
+    train_flags: tuple = ("--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--bucket", "8",
                           "--val-batches", "4")
-    # flags of every latent-stage run (started with --init; LoRA continues the --init run's adapters)
-    latent_flags: tuple = ("--c-thought", "2", "--epochs", "5", "--lora")
+    # flags of every latent-stage run (started with --init): LoRA on the fully fine-tuned CoT run, a
+    # step in ~60% of a full one's time, learned as well (docs/quickstart.md)
+    latent_flags: tuple = ("--c-thought", "2", "--epochs", "4", "--lora")
     max_tokens: int = 24         # new tokens per answer at eval
     note: str = ""
 

@@ -126,7 +126,9 @@ def test_a_full_weight_run_is_refused_where_the_quickstart_trains_lora(tmp_path)
     plan = quickstart.make_plan(tmp_path, "default", tmp_path / "m.gguf", seed=0)
     coco = plan.runs["coconut"]
     coco.mkdir(parents=True)
-    config = {"seed": 0, "epochs": 5, "mode": "coconut", "stage": 1, "c_thought": 2, "lora": False}
+    latent = quickstart.BUDGETS["default"].latent_flags
+    config = {"seed": 0, "epochs": int(latent[latent.index("--epochs") + 1]), "mode": "coconut",
+              "stage": 1, "c_thought": 2, "lora": False}
     (coco / "coconut.json").write_text(json.dumps({"checkpoint": "ckpt-0000250", "config": config}))
     calls = []
     with pytest.raises(UserError, match="trained with --no-lora, this quickstart needs --lora"):
