@@ -79,10 +79,10 @@ class Budget:
 DEFAULT_ROWS = ("cot", "no-cot", "coconut")
 BUDGETS = {
     "default": Budget(train=400, valid=100, test=200, rows=DEFAULT_ROWS,
-                      note="30-45 minutes on a 2-core x86 CPU"),
+                      note="~17 minutes on a 2-core x86 CPU"),
     # the same data and runs as default, plus the controls and the whole curriculum
     "long": Budget(train=400, valid=100, test=200, rows=tuple(ROWS),
-                   note="the default plus five 5-epoch runs; not yet timed from scratch"),
+                   note="the default plus five 4-epoch LoRA runs, ~1 hour; not yet timed from scratch"),
     "small": Budget(train=8, valid=2, test=4, rows=tuple(ROWS), synth=("--min-steps", "1", "--max-steps", "2"),
                     latent_flags=("--c-thought", "2", "--epochs", "1", "--lora"), max_tokens=12,
                     note="CI smoke test of every row: a few steps each, ~2-4 minutes"),
