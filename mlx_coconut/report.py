@@ -282,13 +282,14 @@ def read_points(results_json) -> list:
 
 
 def _plot_tradeoff(ax, points):
-    """The paper's trade-off: accuracy against tokens per question, one labelled point per model."""
+    """The paper's trade-off: accuracy against tokens per question, one point per model, named in
+    the legend (labels written beside the points overlap where rows land close together)."""
     for i, (label, tokens, accuracy) in enumerate(points):
-        ax.scatter([tokens], [accuracy], s=50, color=f"C{i}", zorder=3)
-        ax.annotate(label, (tokens, accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.scatter([tokens], [accuracy], s=50, color=f"C{i}", zorder=3, label=label)
     ax.set(xlabel="tokens per question (text + continuous thoughts)", ylabel="test accuracy (%)",
            title="accuracy vs tokens (held-out test)", ylim=(-2, 102))
-    ax.set_xlim(left=0, right=max(t for _, t, _ in points) * 1.35 + 1)
+    ax.set_xlim(left=0, right=max(t for _, t, _ in points) * 1.1 + 1)
+    ax.legend(fontsize=7, loc="best")  # where it covers fewest points
 
 
 def _plot_curves(ax_loss, ax_acc, curves):

@@ -251,3 +251,22 @@ def test_plot_errors(tmp_path, monkeypatch):
     r = _run(["plot", str(_fake_run(tmp_path / "s0", 0, 4, 1.0)), "--out", str(tmp_path / "c.png")])
     assert r.exit_code == 2
     assert r.output.strip() == "error: plot needs matplotlib: pip install 'mlx-coconut[plot]' (or pip install matplotlib)"
+
+
+def test_the_tradeoff_panel_names_every_point_in_its_legend():
+    """Rows close together (COCONUT beside CoT, pause beside the whole curriculum) must stay readable:
+    each model is a legend entry in its own colour, with no labels drawn over the points."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlx_coconut.report import _plot_tradeoff
+
+    points = [("Stage 0 (CoT)", 22.5, 42.5), ("Stage 1 (COCONUT, c=2)", 15.4, 40.5),
+              ("Stage 1 (w/o thought, c=2)", 13.4, 41.0)]
+    fig, ax = plt.subplots()
+    try:
+        _plot_tradeoff(ax, points)
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [p[0] for p in points]
+        assert len(ax.texts) == 0
+    finally:
+        plt.close(fig)
