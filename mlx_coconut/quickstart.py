@@ -69,8 +69,8 @@ class Budget:
     # accuracy on every validation question)
     train_flags: tuple = ("--epochs", "1", "--batch-size", "8", "--lr", "1e-4", "--bucket", "8",
                           "--val-batches", "4")
-    # flags of every latent-stage run (started with --init): LoRA on the fully fine-tuned CoT run, a
-    # step in ~60% of a full one's time, learned as well (docs/quickstart.md)
+    # flags of every latent-stage run (started with --init): LoRA on the fully fine-tuned CoT run,
+    # cheaper steps that learn the latent stage as well (measured in docs/quickstart.md)
     latent_flags: tuple = ("--c-thought", "2", "--epochs", "4", "--lora")
     max_tokens: int = 24         # new tokens per answer at eval
     note: str = ""
