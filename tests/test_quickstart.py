@@ -198,3 +198,33 @@ def test_interpretation_covers_every_row_of_the_long_table():
     table = quickstart.table(res, runs).splitlines()
     assert len(table) == 9 and table[7].split()[-3:] == ["2", "20.0%", "7.0"]
     assert table[8].split()[-3:] == ["2", "10.0%", "5.0"]
+
+
+def test_seed_table_reads_each_seeds_record(tmp_path, capsys):
+    """scripts/seed_table.py: one line a seed, mean ± sd of every row, COCONUT minus each control."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import seed_table
+
+    ten = lambda k: [(True, 3)] * k + [(False, 3)] * (10 - k)  # noqa: E731
+    dirs = []
+    for seed, (coco, pause) in enumerate(((6, 3), (4, 3), (5, 5))):
+        res, runs = _results(cot=(ten(5), 0), **{"no-cot": (ten(1), 0)}, coconut=(ten(coco), 2),
+                             pause=(ten(pause), 2))
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        record = {"seed": seed, "seconds": 60.0 * (10 + seed), "rows": quickstart.summarize(res, runs)}
+        quickstart.output(d, "long", "quickstart.json").write_text(json.dumps(record))
+        dirs.append(str(d))
+    text = seed_table.main(dirs + ["--budget", "long"])
+    lines = text.splitlines()
+    assert lines[0].startswith("| seed | CoT | no-CoT | COCONUT | pause as thought |")
+    assert lines[2].startswith("| 0 | 50.0% (3.0) | 10.0% (3.0) | 60.0% (5.0) | 30.0% (5.0) |")
+    assert lines[5] == ("| mean ± sd | 50.0 ± 0.0% (3.0) | 10.0 ± 0.0% (3.0) | 50.0 ± 10.0% (5.0) | "
+                        "36.7 ± 11.5% (5.0) | 11.0 ± 1.0 |")
+    assert "| COCONUT − pause as thought | +30.0 | +10.0 | +0.0 | 13.3 ± 15.3 |" in lines
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a seed that has not run: one line naming its file
+        seed_table.main(dirs + [str(tmp_path / "missing"), "--budget", "long"])
+    assert "missing/quickstart-long.json: cannot read" in str(e.value) and "\n" not in str(e.value)
