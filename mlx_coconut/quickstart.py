@@ -53,6 +53,9 @@ ROWS = {r.key: r for r in (
     # the paper's "pause as thought" row is at its last stage: the same curriculum, pause slots throughout
     Row("pause-2", "pause as thought, whole curriculum", ("--mode", "pause", "--stage", "2"),
         init="pause", stage=2),
+    # the paper's "w/o thought" row is at its last stage too: the curriculum drops both steps, no slots
+    Row("no-thought-2", "w/o thought, whole curriculum", ("--mode", "no-thought", "--stage", "2"),
+        init="no-thought", stage=2),
     Row("no-curriculum", "w/o curriculum", ("--mode", "coconut", "--stage", "2"), init="cot", stage=2),
 )}
 
@@ -82,7 +85,7 @@ BUDGETS = {
                       note="~17 minutes on a 2-core x86 CPU"),
     # the same data and runs as default, plus the controls and the whole curriculum
     "long": Budget(train=400, valid=100, test=200, rows=tuple(ROWS),
-                   note="the default plus five 4-epoch LoRA runs, ~1 hour; not yet timed from scratch"),
+                   note="the default plus six 4-epoch LoRA runs, ~68 minutes on a 2-core x86 CPU"),
     "small": Budget(train=8, valid=2, test=4, rows=tuple(ROWS), synth=("--min-steps", "1", "--max-steps", "2"),
                     latent_flags=("--c-thought", "2", "--epochs", "1", "--lora"), max_tokens=12,
                     note="CI smoke test of every row: a few steps each, ~2-4 minutes"),
@@ -238,6 +241,7 @@ GOALS = ("CoT accuracy >= 40%", "no-CoT >= 10 points below CoT",
 CONTROL_GOALS = (("pause", "coconut", "COCONUT >= pause as thought + 10 points"),
                  ("no-thought", "coconut", "COCONUT >= w/o thought + 10 points"),
                  ("pause-2", "coconut-2", "whole curriculum >= pause as thought (whole curriculum) + 10 points"),
+                 ("no-thought-2", "coconut-2", "whole curriculum >= w/o thought (whole curriculum) + 10 points"),
                  ("no-curriculum", "coconut-2", "whole curriculum >= w/o curriculum + 10 points"))
 LAST_STAGE_GOAL = "whole curriculum >= no-CoT + 10 points with <= 6 tokens per question"
 

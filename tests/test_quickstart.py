@@ -21,7 +21,7 @@ def test_quickstart_small(smollm2_gguf_path, tmp_path):
     for line in ("Stage 0 (CoT):", "Stage 0 (no-CoT):", "Stage 1 (COCONUT, c=2):",
                  "Stage 1 (pause as thought, c=2):", "Stage 1 (w/o thought, c=2):",
                  "Stage 2 (COCONUT, c=2) [coconut-2]:", "Stage 2 (pause as thought, c=2):",
-                 "Stage 2 (COCONUT, c=2) [no-curriculum]:"):
+                 "Stage 2 (w/o thought, c=2):", "Stage 2 (COCONUT, c=2) [no-curriculum]:"):
         assert line in stdout
     assert "<|start-latent|>" in stdout and "  thought 1  norm " in stdout
     assert "quickstart finished in" in stdout
@@ -30,8 +30,8 @@ def test_quickstart_small(smollm2_gguf_path, tmp_path):
     assert quickstart.output(out, "small", "results.json").name == "results-small.json"
     assert results["n"] == 4
     assert [m["settings"]["mode"] for m in results["models"]] == [
-        "cot", "no-cot", "coconut", "pause", "no-thought", "coconut", "pause", "coconut"]
-    assert [m["settings"]["stage"] for m in results["models"]] == [0, 0, 1, 1, 1, 2, 2, 2]
+        "cot", "no-cot", "coconut", "pause", "no-thought", "coconut", "pause", "no-thought", "coconut"]
+    assert [m["settings"]["stage"] for m in results["models"]] == [0, 0, 1, 1, 1, 2, 2, 2, 2]
     runs = {key: out / "runs" / key for key in quickstart.BUDGETS["small"].rows}
     # the printed table and paragraph are the ones computed from results.json
     paragraph = stdout.split("== what this shows\n")[1].split("\n")[0]
@@ -44,6 +44,7 @@ def test_quickstart_small(smollm2_gguf_path, tmp_path):
     assert json.loads((out / "runs" / "coconut-2" / "coconut.json").read_text())["init"].endswith("coconut")
     assert json.loads((out / "runs" / "no-curriculum" / "coconut.json").read_text())["init"].endswith("cot")
     assert json.loads((out / "runs" / "pause-2" / "coconut.json").read_text())["init"].endswith("pause")
+    assert json.loads((out / "runs" / "no-thought-2" / "coconut.json").read_text())["init"].endswith("no-thought")
 
     # quickstart.json: every step as a command line; rerunning one by hand gives the same file
     record = json.loads(quickstart.output(out, "small", "quickstart.json").read_text())
@@ -182,22 +183,24 @@ def test_interpretation_covers_every_row_of_the_long_table():
     res, runs = _results(cot=(ten(5, 20), 0), **{"no-cot": (ten(1, 4), 0)}, coconut=(ten(4, 11), 1),
                          pause=(ten(3, 11), 1), **{"no-thought": (ten(1, 11), 0),
                                                    "coconut-2": (ten(3, 3), 2), "pause-2": (ten(2, 3), 4),
+                                                   "no-thought-2": (ten(2, 3), 0),
                                                    "no-curriculum": (ten(1, 3), 2)})
     text = quickstart.interpret(res, runs)
     assert "pause as thought 30.0% (+10.0 points for COCONUT)" in text
     assert "w/o thought 10.0% (+30.0 points for COCONUT)" in text
     assert "pause as thought, whole curriculum 20.0% (+10.0 points for COCONUT, whole curriculum)" in text
+    assert "w/o thought, whole curriculum 20.0% (+10.0 points for COCONUT, whole curriculum)" in text
     assert "w/o curriculum 10.0% (+20.0 points for COCONUT, whole curriculum)" in text
     assert "COCONUT answered 30.0% with 5.0 tokens per question" in text
     assert "No control ran" not in text
     # pause is exactly 10 points below: met; 5.0 tokens and +20 over no-CoT: the last stage's goal met
-    assert text.endswith("All 10 goals are met.")
+    assert text.endswith("All 11 goals are met.")
     res["models"][5]["examples"] = [dict(e, n_generated=5) for e in res["models"][5]["examples"]]
     text = quickstart.interpret(res, runs)
-    assert text.endswith(f"9 of 10 goals are met; missed: {quickstart.LAST_STAGE_GOAL}.")
+    assert text.endswith(f"10 of 11 goals are met; missed: {quickstart.LAST_STAGE_GOAL}.")
     table = quickstart.table(res, runs).splitlines()
-    assert len(table) == 9 and table[7].split()[-3:] == ["2", "20.0%", "7.0"]
-    assert table[8].split()[-3:] == ["2", "10.0%", "5.0"]
+    assert len(table) == 10 and table[7].split()[-3:] == ["2", "20.0%", "7.0"]
+    assert table[8].split()[-3:] == ["2", "20.0%", "3.0"] and table[9].split()[-3:] == ["2", "10.0%", "5.0"]
 
 
 def test_seed_table_reads_each_seeds_record(tmp_path, capsys):
