@@ -31,13 +31,13 @@ def read_records(dirs, budget: str) -> list:
                             f"{'' if budget == 'default' else ' --budget ' + budget} --out {d}` first")
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not JSON ({e.msg})")
-        if "rows" not in records[-1]:
+        if not isinstance(records[-1], dict) or not isinstance(records[-1].get("rows"), dict):
             raise UserError(f"{path}: no 'rows' (not a quickstart record)")
     return records
 
 
 def mean_sd(xs: list) -> str:
-    """'m ± sd' (sample sd) of percentages, or the one value when there is one."""
+    """'m ± sd' (sample sd), or the one value when there is one."""
     if len(xs) == 1:
         return f"{xs[0]:.1f}"
     return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
