@@ -139,3 +139,46 @@ def test_typed_special_tokens_are_text(stage1):
     r = run("--model", path, "--prompt", TYPED, "--json", "--max-tokens", 2)
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["prompt_ids"] == ids
+
+
+def _probe_module():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import probe_thoughts
+    return probe_thoughts
+
+
+def test_probe_thoughts_counts_own_against_shuffled_steps():
+    """scripts/probe_thoughts.py: a thought that reads out its own step's result scores 100% against
+    its own step and 0% against the next question's; a constant thought scores the same on both."""
+    probe = _probe_module()
+    assert probe.step_result("<<16+4=20>>") == "20" and probe.step_result("no result") == ""
+    steps = [[f"<<{a}+1={a + 1}>>"] for a in range(1, 6)]  # results 2..6: consecutive ones differ
+    # thought 2's second token is the NEXT question's result (i + 3; the last wraps to nothing)
+    rows = [(s, [[probe.step_result(s[0]), "x"], ["+", str(i + 3)]]) for i, s in enumerate(steps)]
+    first = lambda text: text[:1]  # noqa: E731  (the first "token" of a result: its first digit)
+    r1, r2 = probe.hit_rates(rows, c=2, first_token=first)
+    assert (r1["thought"], r1["step"], r1["n"]) == (0, 0, 5)
+    assert (r1["top1_own"], r1["top1_shuffled"], r1["topk_own"], r1["topk_shuffled"]) == (1.0, 0.0, 1.0, 0.0)
+    assert r2["top1_own"] == r2["top1_shuffled"] == 0.0 and r2["common"][0] == ("+", 1.0)
+    assert r2["topk_own"] == 0.0 and r2["topk_shuffled"] == 0.8
+
+
+def test_probe_thoughts_on_a_stage1_model(stage1, tmp_path):
+    """End to end on the tiny stage-1 model: one entry per thought, each over every question; a
+    pause-as-thought model is refused in one line."""
+    probe = _probe_module()
+    path, _, _ = stage1
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps([{"question": PROMPT, "steps": ["two plus three = five"], "answer": "five"},
+                                {"question": "what is four", "steps": ["four = four"], "answer": "four"}]))
+    rates = probe.probe(str(path), str(data), n=10, k=3)
+    assert [(r["thought"], r["step"], r["n"]) for r in rates] == [(0, 0, 2), (1, 0, 2)]
+    assert all(0.0 <= r[key] <= 1.0 for r in rates for key in ("top1_own", "topk_shuffled"))
+    assert probe.table(rates, 3).count("\n") == 3
+    pause = tmp_path / "pause"
+    write_model_dir(pause, {"mode": "pause", "stage": 1, "c_thought": 2})
+    with pytest.raises(SystemExit) as e:
+        probe.main([str(pause), "--data", str(data)])
+    assert "feeds no hidden state back" in str(e.value) and "\n" not in str(e.value)
