@@ -89,6 +89,9 @@ def main(argv=None) -> str:
     p.add_argument("--n", type=int, default=200, help="the first N records [200]")
     p.add_argument("--k", type=int, default=5, help="nearest tokens per thought [5]")
     args = p.parse_args(argv)
+    for flag, value in (("--n", args.n), ("--k", args.k)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1 (got {value})")
     try:
         text = table(probe(args.run, args.data, args.n, args.k), args.k)
     except UserError as e:

@@ -182,3 +182,5 @@ def test_probe_thoughts_on_a_stage1_model(stage1, tmp_path):
     with pytest.raises(SystemExit) as e:
         probe.main([str(pause), "--data", str(data)])
     assert "feeds no hidden state back" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit):  # argparse's one-line usage error, before any model is loaded
+        probe.main([str(path), "--data", str(data), "--k", "0"])
