@@ -104,6 +104,8 @@ class Step:
     argv: list
     seconds: float = 0.0
     skipped: bool = False
+    started: float = None       # run side by side (--jobs): seconds after the first of them started
+    blas_threads: int = None    # ... with this many BLAS threads
 
     @property
     def command(self) -> str:
@@ -199,12 +201,17 @@ def _existing_run(run: Path, argv: list):
     return existing
 
 
-def execute(plan: Plan, invoke: Callable, log=print) -> None:
+def execute(plan: Plan, invoke: Callable, log=print, jobs: int = 1, spawn: Callable = None) -> None:
     """Run the plan's steps. Existing runs are continued with `train --resume` (which returns at once
     when complete); the recorded command stays the plain one. Runs trained otherwise (another seed)
-    are refused before any step rewrites the data they were trained on."""
-    resumable = {step.label: _existing_run(plan.runs[step.label[len("train "):]], step.argv) is not None
-                 for step in plan.steps if step.label.startswith("train ")}
+    are refused before any step rewrites the data they were trained on. With `jobs` > 1 the runs
+    still to train go as child processes, `jobs` at a time, each after the run it starts from."""
+    existing = {step.label: _existing_run(plan.runs[_row(step)], step.argv)
+                for step in plan.steps if step.label.startswith("train ")}
+    side_by_side = [step for step in plan.steps
+                    if jobs > 1 and step.label in existing and not _complete(existing[step.label])]
+    if len(side_by_side) < 2:
+        side_by_side = []  # one run: in this process, its output on the terminal
     for step in plan.steps:
         argv = [str(a) for a in step.argv]
         if step.label == "convert" and (plan.model / "config.json").exists():
@@ -215,12 +222,47 @@ def execute(plan: Plan, invoke: Callable, log=print) -> None:
             step.skipped = True
             log("\n== plot: skipped (pip install matplotlib to get curves.png)")
             continue
-        if resumable.get(step.label):
-            argv = ["train", "--resume", "--out", str(plan.runs[step.label[len("train "):]])]
+        if step in side_by_side:
+            if step is side_by_side[0]:
+                _train_side_by_side(plan, side_by_side, existing, jobs, spawn, log)
+            continue
+        if existing.get(step.label):
+            argv = ["train", "--resume", "--out", str(plan.runs[_row(step)])]
         log(f"\n== {step.label}: {step.command}")
         start = time.perf_counter()
         invoke(argv)
         step.seconds = time.perf_counter() - start
+
+
+def _row(step: Step) -> str:
+    return step.label[len("train "):]
+
+
+def _complete(run) -> bool:
+    try:
+        return bool(run and (run.state() or {}).get("complete"))
+    except (UserError, OSError, ValueError):
+        return False
+
+
+def _train_side_by_side(plan: Plan, steps: list, existing: dict, jobs: int, spawn, log) -> None:
+    """The training runs of `steps` as child processes, `jobs` at a time (processes.py)."""
+    from . import processes
+
+    labels = {step.label for step in steps}
+    tasks = []
+    for step in steps:
+        key = _row(step)
+        argv = (["train", "--resume", "--out", plan.runs[key]] if existing[step.label] else step.argv)
+        init = ROWS[key].init
+        after = (f"train {init}",) if init and f"train {init}" in labels else ()
+        tasks.append(processes.Task(step.label, tuple(argv), plan.out / "logs" / f"{key}.log", after))
+    log(f"\n== {len(tasks)} training runs, {jobs} at a time as child processes (--jobs {jobs}), each "
+        f"after the run it starts from; their output: {plan.out / 'logs'}")
+    done = processes.run_tasks(tasks, jobs, spawn=spawn or processes.start_process, log=log)
+    for step in steps:
+        step.seconds, step.started, step.blas_threads = (done[step.label].seconds, done[step.label].started,
+                                                         done[step.label].threads)
 
 
 def _has_matplotlib() -> bool:
@@ -349,7 +391,7 @@ def default_out(seed: int) -> str:
 
 
 def run(out_dir, budget: str = "default", seed: int = 0, force: bool = False, invoke: Callable = None,
-        log=print) -> dict:
+        log=print, jobs: int = None, spawn: Callable = None) -> dict:
     """The whole quickstart → {"plan", "results", "interpretation", "table", "seconds", "coconut", ...}."""
     from . import assets
 
@@ -357,6 +399,8 @@ def run(out_dir, budget: str = "default", seed: int = 0, force: bool = False, in
         raise UserError(f"--budget {budget}: choose from {', '.join(BUDGETS)}")
     if seed < 0:
         raise UserError(f"--seed must be >= 0 (got {seed})")
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs must be >= 1 (got {jobs})")
     start = time.perf_counter()
     out = Path(out_dir if out_dir is not None else default_out(seed))
     try:
@@ -371,15 +415,17 @@ def run(out_dir, budget: str = "default", seed: int = 0, force: bool = False, in
     log(f"quickstart ({budget}, seed {seed}: {b.note}): SmolLM2-135M-Instruct, {b.train} synthetic "
         f"training problems, {b.test} held-out test questions; runs: "
         f"{', '.join(ROWS[k].name for k in b.rows)} -> {out}")
-    execute(plan, invoke, log)
+    if jobs is None:
+        from .processes import default_jobs
+        jobs = default_jobs()
+    execute(plan, invoke, log, jobs=jobs, spawn=spawn)
     results = json.loads(output(out, budget, "results.json").read_text())
     text, rows, summary = interpret(results, plan.runs), table(results, plan.runs), summarize(results, plan.runs)
     seconds = time.perf_counter() - start
-    record = {"budget": budget, "seed": seed, "budget_flags": asdict(b), "seconds": round(seconds, 1),
+    record = {"budget": budget, "seed": seed, "budget_flags": asdict(b), "jobs": jobs, "seconds": round(seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
               "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-              "steps": [{"label": s.label, "command": s.command, "seconds": round(s.seconds, 1),
-                         "skipped": s.skipped} for s in plan.steps],
+              "steps": [_step_record(s) for s in plan.steps],
               "rows": summary, "goals": [{"goal": g, "met": ok} for g, ok in goals(summary)],
               "interpretation": text}
     output(out, budget, "quickstart.json").write_text(json.dumps(record, indent=2))
@@ -388,6 +434,14 @@ def run(out_dir, budget: str = "default", seed: int = 0, force: bool = False, in
             "coconut": str(plan.runs["coconut"]), "report": str(output(out, budget, "report.md")),
             "record": str(output(out, budget, "quickstart.json")),
             "question": results["models"][0]["examples"][0]["question"]}
+
+
+def _step_record(step: Step) -> dict:
+    record = {"label": step.label, "command": step.command, "seconds": round(step.seconds, 1),
+              "skipped": step.skipped}
+    if step.started is not None:  # beside other runs: its seconds overlap theirs
+        record.update(started=round(step.started, 1), blas_threads=step.blas_threads)
+    return record
 
 
 def _append_to_report(report: Path, rows: str, text: str, picture: Path) -> None:

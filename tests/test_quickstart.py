@@ -12,9 +12,10 @@ from mlx_coconut.cli import main
 
 @pytest.mark.slow
 def test_quickstart_small(smollm2_gguf_path, tmp_path):
-    """--budget small runs every row of the long table end to end (a few steps each)."""
+    """--budget small runs every row of the long table end to end (a few steps each), two training
+    runs at a time as child processes."""
     out = tmp_path / "qs"
-    r = CliRunner().invoke(main, ["quickstart", "--budget", "small", "--out", str(out)])
+    r = CliRunner().invoke(main, ["quickstart", "--budget", "small", "--jobs", "2", "--out", str(out)])
     assert r.exit_code == 0, r.output
     stdout = r.stdout
     # the eval block with every row, and a generate --show-latents of the COCONUT run
@@ -48,6 +49,10 @@ def test_quickstart_small(smollm2_gguf_path, tmp_path):
 
     # quickstart.json: every step as a command line; rerunning one by hand gives the same file
     record = json.loads(quickstart.output(out, "small", "quickstart.json").read_text())
+    assert record["jobs"] == 2
+    trained = [s for s in record["steps"] if s["label"].startswith("train ")]
+    assert all(s["blas_threads"] >= 1 and s["started"] >= 0 for s in trained)
+    assert "train --init" in (out / "logs" / "coconut-2.log").read_text()  # each run's own output
     labels = [s["label"] for s in record["steps"]]
     assert labels[:6] == ["convert", "data train", "data valid", "data test", "train cot",
                           "train no-cot"] and "eval" in labels and "train no-curriculum" in labels

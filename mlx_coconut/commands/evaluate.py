@@ -77,9 +77,12 @@ def plot(runs, out, results):
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Another draw of the same task: new questions in every split, data order, init.")
 @click.option("--force", is_flag=True, help="Retrain even if the runs in --out are complete.")
+@click.option("--jobs", type=int, default=None, metavar="N",
+              help="Training runs at once, as child processes sharing the BLAS threads (output in "
+              "OUT/logs) [2 on a CPU with 2+ cores, 1 on a GPU].")
 @click.pass_context
 @friendly_errors
-def quickstart(ctx, out_dir, budget, small, seed, force):
+def quickstart(ctx, out_dir, budget, small, seed, force, jobs):
     """The main job on an embedded default: SmolLM2-135M + synthetic problems; CoT, no-CoT and
     COCONUT trained with the same budget, evaluated side by side on held-out questions."""
     from .. import quickstart as qs
@@ -95,7 +98,7 @@ def quickstart(ctx, out_dir, budget, small, seed, force):
             raise UserError(f"quickstart step `mlx-coconut {' '.join(argv)}`: {e.format_message()}")
 
     result = qs.run(out_dir, budget="small" if small else budget, seed=seed, force=force,
-                    invoke=invoke, log=click.echo)
+                    invoke=invoke, log=click.echo, jobs=jobs)
     click.echo(f"\n== generate --show-latents ({result['coconut']})")
     ctx.invoke(generate, model_path=result["coconut"], prompt=result["question"], show_latents=True,
                max_tokens=result["plan"].budget.max_tokens)
