@@ -101,8 +101,9 @@ def chain_lengths(tasks) -> dict:
 def run_tasks(tasks, jobs: int, spawn: Callable = start_process, log=print, cores: int = None,
               poll_seconds: float = 0.5, status_seconds: float = 60.0, clock=time.perf_counter,
               sleep=time.sleep) -> dict:
-    """Run `tasks` at most `jobs` at a time, each as soon as its `after` tasks are done, the longest
-    chain first; a task started beside k-1 others gets cores // k BLAS threads. → {name: Finished}.
+    """Run `tasks` at most `jobs` at a time, each once its `after` tasks are done, the longest chain
+    first, then the one ready longest, then in the given order; a task started beside k-1 others gets
+    cores // k BLAS threads. → {name: Finished}.
     A task that fails stops the others (each saves and stops) and raises a one-line UserError."""
     names = {t.name for t in tasks}
     unknown = {a for t in tasks for a in t.after} - names
@@ -110,12 +111,19 @@ def run_tasks(tasks, jobs: int, spawn: Callable = start_process, log=print, core
         raise ValueError(f"tasks wait for tasks that are not given: {sorted(unknown)}")
     cores = cores or cpu_cores()
     length = chain_lengths(tasks)
-    pending = sorted(tasks, key=lambda t: -length[t.name])  # stable: given order among equals
+    pending = list(tasks)
     running, finished = {}, {}
     start = last_status = clock()
+
+    def waited_since(t):  # when its last `after` task finished
+        return max((finished[a].started + finished[a].seconds for a in t.after), default=0.0)
+
     try:
         while pending or running:
-            ready = [t for t in pending if all(a in finished for a in t.after)]
+            # the longest chain first; among equal ones the one ready the longest (a task left for
+            # last beside nothing else runs on part of the cores)
+            ready = sorted((t for t in pending if all(a in finished for a in t.after)),
+                           key=lambda t: (-length[t.name], waited_since(t)))
             launch = ready[:max(0, jobs - len(running))]
             threads = max(1, cores // max(1, len(running) + len(launch)))
             for t in launch:
@@ -135,7 +143,7 @@ def run_tasks(tasks, jobs: int, spawn: Callable = start_process, log=print, core
                     raise UserError(f"`{t.command}` failed (exit {code}): {last_line(t.log) or 'no output'} "
                                     f"(its whole output: {t.log})")
                 finished[name] = Finished(started - start, clock() - started, threads)
-                log(f"== {name} done in {_minutes(clock() - started)}: {last_line(t.log)}")
+                log(f"== {name} done in {_minutes(clock() - started)}")
             if running and clock() - last_status >= status_seconds:
                 last_status = clock()
                 for t, _, started, _ in running.values():

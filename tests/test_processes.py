@@ -80,6 +80,15 @@ def test_a_run_started_alone_gets_every_core(tmp_path):
     assert [(e[1], e[2]) for e in spawn.events] == [("a", 4), ("b", 4)]
 
 
+def test_among_equal_chains_the_one_ready_longest_goes_first(tmp_path):
+    """y is given before x, but x's run finished first: x has waited longer and starts first."""
+    spawn = Spawner({"b": 1, "a": 1, "y": 1, "x": 1})
+    ticks = iter(range(10 ** 6))
+    processes.run_tasks(_tasks(tmp_path, {"b": [], "a": [], "y": ["a"], "x": ["b"]}), jobs=1, spawn=spawn,
+                        log=_quiet, cores=2, sleep=lambda s: None, clock=lambda: float(next(ticks)))
+    assert [e[1] for e in spawn.events] == ["b", "a", "x", "y"]
+
+
 def test_one_job_at_a_time_gets_every_core(tmp_path):
     spawn = Spawner({"a": 2, "b": 2})
     processes.run_tasks(_tasks(tmp_path, {"a": [], "b": []}), jobs=1, spawn=spawn, log=_quiet, cores=2,
