@@ -184,3 +184,51 @@ def test_probe_thoughts_on_a_stage1_model(stage1, tmp_path):
     assert "feeds no hidden state back" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(SystemExit):  # argparse's one-line usage error, before any model is loaded
         probe.main([str(path), "--data", str(data), "--k", "0"])
+
+
+def _linear_module():
+    _probe_module()
+    import probe_linear
+    return probe_linear
+
+
+def test_ridge_probe_reads_a_linear_code_and_not_shuffled_labels():
+    """scripts/probe_linear.py: states that hold the label along one direction each are read back on
+    held-out rows; the same probe fitted on shuffled labels falls to about chance."""
+    probe = _linear_module()
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=300)
+    codes = rng.normal(size=(5, 32))
+    states = codes[labels] + 0.3 * rng.normal(size=(300, 32))
+    y = np.array([str(v) for v in labels])
+    assert probe.ridge_accuracy(states[:200], y[:200], states[200:], y[200:]) > 0.95
+    assert probe.ridge_accuracy(states[:200], rng.permutation(y[:200]), states[200:], y[200:]) < 0.5
+
+
+def test_probe_linear_on_a_stage1_model(stage1, tmp_path):
+    """End to end on the tiny stage-1 model: a COCONUT run's slot states are its continuous thoughts
+    (as generate returns them), one row per slot; a CoT model is refused in one line."""
+    from mlx_coconut import api
+    from mlx_coconut.data import Record
+
+    probe = _linear_module()
+    path, _, _ = stage1
+    records = [Record(f"what is {a} plus {b}", [f"<<{a}+{b}={a + b}>>"], str(a + b))
+               for a in range(4) for b in range(4)]
+    loaded = api.load(str(path))
+    states = probe.slot_states(loaded, records[:2])
+    thoughts = api.generate_answers(loaded, records[:2], max_tokens=1, return_thoughts=True)
+    for s, a in zip(states, thoughts):
+        want = np.array(a.thoughts.astype(mx.float32))
+        assert s.shape == want.shape == (2, want.shape[1])
+        assert np.abs(s - want).max() <= 1e-3 * np.abs(want).max()
+    rows = probe.probe_run(str(path), records[:12], records[12:])
+    assert [(r["slot"], r["step"], r["n_train"], r["n_test"]) for r in rows] == [(0, 0, 12, 4), (1, 0, 12, 4)]
+    assert probe.markdown({"r": rows}).count("\n") == 3
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps([{"question": r.question, "steps": r.steps, "answer": r.answer} for r in records]))
+    cot = tmp_path / "cot"
+    write_model_dir(cot, {"mode": "cot", "stage": 0})
+    with pytest.raises(SystemExit) as e:
+        probe.main([str(cot), "--train", str(data), "--test", str(data)])
+    assert "has no thought slots" in str(e.value) and "\n" not in str(e.value)
