@@ -59,11 +59,13 @@ def default_jobs() -> int:
 
 
 def start_process(argv, log: Path, threads: int):
-    """`python -m mlx_coconut ARGV` with `threads` BLAS threads, its output appended to `log`."""
-    env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}, "PYTHONUNBUFFERED": "1"}
+    """`python -m mlx_coconut ARGV` with `threads` BLAS threads (with every core: the environment as
+    it is, as the command typed by hand), its output appended to `log`."""
+    share = {name: str(threads) for name in THREAD_VARIABLES} if threads < cpu_cores() else {}
+    env = {**os.environ, **share, "PYTHONUNBUFFERED": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
-        out.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} OPENBLAS_NUM_THREADS={threads} mlx-coconut "
+        out.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {threads} BLAS thread(s): mlx-coconut "
                   f"{' '.join(shlex.quote(str(a)) for a in argv)}\n")
         out.flush()
         return subprocess.Popen([sys.executable, "-m", "mlx_coconut", *map(str, argv)], stdout=out,

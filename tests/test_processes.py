@@ -143,10 +143,15 @@ def test_a_child_gets_its_blas_threads_and_its_log(tmp_path, monkeypatch):
             seen.update(argv=argv, **kw)
 
     monkeypatch.setattr(processes.subprocess, "Popen", Popen)
+    monkeypatch.setattr(processes, "cpu_cores", lambda: 4)
+    for v in processes.THREAD_VARIABLES:
+        monkeypatch.delenv(v, raising=False)
     processes.start_process(("train", "--out", "r"), tmp_path / "logs" / "r.log", threads=3)
     assert seen["argv"][1:] == ["-m", "mlx_coconut", "train", "--out", "r"]
     assert all(seen["env"][v] == "3" for v in processes.THREAD_VARIABLES)
     assert seen["start_new_session"]
+    processes.start_process(("train",), tmp_path / "logs" / "r.log", threads=4)  # every core: as typed
+    assert not any(v in seen["env"] for v in processes.THREAD_VARIABLES)
     assert (tmp_path / "logs" / "r.log").read_text().startswith("== ")  # the command, then its output
 
 
