@@ -23,9 +23,10 @@ from probe_thoughts import step_result
 PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 
 
-def slot_states(loaded, records) -> list:
+def slot_states(loaded, records, progress=None) -> list:
     """Per record, the [n_slots, D] final-norm hidden states at the positions before its thought slots
-    (float32 numpy), with the run's feedback (a pause run's slots keep their embedding)."""
+    (float32 numpy), with the run's feedback (a pause run's slots keep their embedding);
+    `progress(done, total)` every 50 records."""
     import mlx.core as mx
 
     from mlx_coconut import api, coconut
@@ -40,6 +41,8 @@ def slot_states(loaded, records) -> list:
         before = np.flatnonzero(mask[0]) - 1
         states = hidden[0][mx.array(before)].astype(mx.float32) if len(before) else mx.zeros((0, 1))
         out.append(np.array(states))
+        if progress and (len(out) % 50 == 0 or len(out) == len(records)):
+            progress(len(out), len(records))
     return out
 
 
@@ -75,7 +78,11 @@ def probe_run(run: str, train, test, seed: int = 0) -> list:
     mode, c = loaded.settings.mode, loaded.settings.c_thought
     if mode not in ("coconut", "pause"):
         raise UserError(f"{run}: a {mode} run has no thought slots to probe")
-    states = {name: slot_states(loaded, records) for name, records in (("train", train), ("test", test))}
+    def progress(name):  # minutes a run on a CPU: say where it is
+        return lambda done, total: print(f"{run}: {name} states {done}/{total}", file=sys.stderr, flush=True)
+
+    states = {name: slot_states(loaded, records, progress(name))
+              for name, records in (("train", train), ("test", test))}
     rng = np.random.default_rng(seed)
     rows = []
     for j in range(max(len(s) for s in states["train"] + states["test"])):

@@ -205,7 +205,7 @@ def test_ridge_probe_reads_a_linear_code_and_not_shuffled_labels():
     assert probe.ridge_accuracy(states[:200], rng.permutation(y[:200]), states[200:], y[200:]) < 0.5
 
 
-def test_probe_linear_on_a_stage1_model(stage1, tmp_path):
+def test_probe_linear_on_a_stage1_model(stage1, tmp_path, capsys):
     """End to end on the tiny stage-1 model: a COCONUT run's slot states are its continuous thoughts
     (as generate returns them), one row per slot; a CoT model is refused in one line."""
     from mlx_coconut import api
@@ -224,6 +224,8 @@ def test_probe_linear_on_a_stage1_model(stage1, tmp_path):
         assert np.abs(s - want).max() <= 1e-3 * np.abs(want).max()
     rows = probe.probe_run(str(path), records[:12], records[12:])
     assert [(r["slot"], r["step"], r["n_train"], r["n_test"]) for r in rows] == [(0, 0, 12, 4), (1, 0, 12, 4)]
+    err = capsys.readouterr().err  # progress on stderr: minutes a run on a CPU
+    assert "train states 12/12" in err and "test states 4/4" in err
     assert probe.markdown({"r": rows}).count("\n") == 3
     data = tmp_path / "records.json"
     data.write_text(json.dumps([{"question": r.question, "steps": r.steps, "answer": r.answer} for r in records]))
