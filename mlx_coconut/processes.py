@@ -34,7 +34,12 @@ class Task:
 
     @property
     def command(self) -> str:
-        return "mlx-coconut " + " ".join(shlex.quote(str(a)) for a in self.argv)
+        return command_line(self.argv)
+
+
+def command_line(argv) -> str:
+    """ARGV as the `mlx-coconut` command a user would type."""
+    return "mlx-coconut " + " ".join(shlex.quote(str(a)) for a in argv)
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,7 @@ def start_process(argv, log: Path, threads: int):
     env = {**os.environ, **share, "PYTHONUNBUFFERED": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
-        out.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {threads} BLAS thread(s): mlx-coconut "
-                  f"{' '.join(shlex.quote(str(a)) for a in argv)}\n")
+        out.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {threads} BLAS thread(s): {command_line(argv)}\n")
         out.flush()
         return subprocess.Popen([sys.executable, "-m", "mlx_coconut", *map(str, argv)], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -14,7 +14,6 @@ into the library past those commands. Re-running continues where it stopped (com
 import json
 import os
 import platform
-import shlex
 import shutil
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+from .processes import command_line
 
 
 # Chosen from the sweeps in docs/quickstart.md (config -> accuracy, tokens, minutes): 2-step add/sub
@@ -109,7 +109,7 @@ class Step:
 
     @property
     def command(self) -> str:
-        return "mlx-coconut " + " ".join(shlex.quote(str(a)) for a in self.argv)
+        return command_line(self.argv)
 
 
 @dataclass
@@ -222,7 +222,7 @@ def execute(plan: Plan, invoke: Callable, log=print, jobs: int = 1, spawn: Calla
             step.skipped = True
             log("\n== plot: skipped (pip install matplotlib to get curves.png)")
             continue
-        if step in side_by_side:
+        if any(step is s for s in side_by_side):
             if step is side_by_side[0]:
                 _train_side_by_side(plan, side_by_side, existing, jobs, spawn, log)
             continue
