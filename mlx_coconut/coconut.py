@@ -23,11 +23,13 @@ IGNORE = -100
 
 def continuous_forward(model: Model, input_ids, latent_mask: np.ndarray, left_pad=None,
                        cache: Optional[KVCache] = None, feedback: bool = True,
-                       thoughts: Optional[list] = None) -> mx.array:
+                       thoughts: Optional[list] = None, given: Optional[list] = None) -> mx.array:
     """Final-norm hidden states [B, T, D] of a batch whose `latent_mask[b, t]` columns are thoughts.
 
     `feedback=False` is "pause as thought": latent tokens stay ordinary (learned) embeddings.
-    If `thoughts` is a list, the fed-back states [B, D] are appended to it (one per latent column)."""
+    If `thoughts` is a list, the fed-back states [B, D] are appended to it (one per latent column).
+    `given` (one [B, D] per latent column) is fed at the thought columns instead of the states this
+    batch computes: another question's thoughts, to test whether the answer depends on them."""
     embeds = model.embed(mx.array(input_ids))  # numpy batches (data.collate) welcome
     T = embeds.shape[1]
     latent_cols = np.flatnonzero(latent_mask.any(axis=0)).tolist() if feedback else []
@@ -44,7 +46,8 @@ def continuous_forward(model: Model, input_ids, latent_mask: np.ndarray, left_pa
         hidden.append(h)
         if hi < T:  # hi is a latent column: rows with a thought there take h[t-1], others keep their token
             is_thought = mx.array(latent_mask[:, hi])[:, None]
-            fed = mx.where(is_thought, h[:, -1], embeds[:, hi])
+            state = h[:, -1] if given is None else given[len(hidden) - 1].astype(h.dtype)
+            fed = mx.where(is_thought, state, embeds[:, hi])
             if thoughts is not None:
                 thoughts.append(fed)
     return mx.concatenate(hidden, axis=1) if len(hidden) > 1 else hidden[0]
@@ -169,9 +172,10 @@ class DecodeBatch:
         return 0 if self.logits is None else self.logits.shape[0]
 
     def add(self, prompts: list, latent_id: int, pad_id: int, max_tokens: int,
-            return_thoughts: bool = False) -> tuple:
+            return_thoughts: bool = False, given: Optional[list] = None) -> tuple:
         """Prefill `prompts` (question + markers + latents) as new rows at the end of the batch
-        → (thoughts [b, n, D] or None, thought_mask [b, n] or None) of the new rows."""
+        → (thoughts [b, n, D] or None, thought_mask [b, n] or None) of the new rows. `given`: the
+        thoughts to feed instead of the computed ones (`continuous_forward`)."""
         batch = collate_prompts(prompts, pad_id)  # left-padded: every prompt ends in the last column
         ids, left_pad = batch["input_ids"], batch["left_pad"]
         latent_mask = ids == latent_id
@@ -180,7 +184,7 @@ class DecodeBatch:
                                       step=ids.shape[1] + max_tokens)
         thoughts = [] if return_thoughts else None
         hidden = continuous_forward(self.model, mx.array(ids), latent_mask, cache=cache,
-                                    feedback=self.feedback, thoughts=thoughts)
+                                    feedback=self.feedback, thoughts=thoughts, given=given)
         logits = self.model.logits(hidden[:, -1])
         if self.size:
             cache, logits = _join(self.cache, cache), mx.concatenate([self.logits, logits])
@@ -240,18 +244,20 @@ def _join(a: KVCache, b: KVCache) -> KVCache:
 def generate(model: Model, prompts: list, latent_id: int, eos_ids, max_tokens: int = 64,
              pad_id: int = 0, sampler: Optional[Callable] = None, feedback: bool = True,
              return_thoughts: bool = False, on_token: Optional[Callable] = None,
-             on_thoughts: Optional[Callable] = None) -> Generation:
+             on_thoughts: Optional[Callable] = None, given_thoughts: Optional[list] = None) -> Generation:
     """Batched latent-then-text generation with the KV cache (one `DecodeBatch`, all rows at once).
 
     Prompts are token-id lists (question + markers + latents, or plain questions for CoT); each row
     stops at its first EOS. `sampler(logprobs) -> ids` defaults to greedy; `on_token(step, ids)` is
     called with the [B] ids of each decoded step (for streaming); `on_thoughts(thoughts, mask)` once
-    between the latent and the text phase (needs return_thoughts; not timed)."""
+    between the latent and the text phase (needs return_thoughts; not timed). `given_thoughts` (one
+    [B, D] per latent column) replaces the fed-back states (`continuous_forward`)."""
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     B = len(prompts)
     batch = DecodeBatch(model, feedback)
     start = time.perf_counter()
-    thoughts, thought_mask = batch.add(prompts, latent_id, pad_id, max_tokens, return_thoughts)
+    thoughts, thought_mask = batch.add(prompts, latent_id, pad_id, max_tokens, return_thoughts,
+                                       given_thoughts)
     mx.eval(batch.logits)
     latent_time = time.perf_counter() - start
     if on_thoughts is not None:

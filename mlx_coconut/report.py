@@ -73,9 +73,10 @@ def check_model_dir(path) -> Path:
 
 
 def compare(models, records, batch_size: int = 32, max_tokens: int = 64, dtype=None,
-            progress: Optional[Callable] = None) -> list:
+            progress: Optional[Callable] = None, thoughts: str = "own") -> list:
     """Evaluate each model on `records` → [ModelResult]. Models are loaded one at a time (only one in
-    memory). `progress(label, total)` returns a context manager with `.update(n)` (click.progressbar)."""
+    memory). `progress(label, total)` returns a context manager with `.update(n)` (click.progressbar).
+    `thoughts` (evaluate.THOUGHTS) other than "own" needs every model to be a COCONUT one."""
     from .checkpoint import load
     from .evaluate import evaluate
 
@@ -83,9 +84,13 @@ def compare(models, records, batch_size: int = 32, max_tokens: int = 64, dtype=N
     out = []
     for m, source in zip(models, sources):
         loaded = load(source, dtype=dtype)
-        label = stage_label(loaded.settings)
+        if thoughts != "own" and loaded.settings.mode != "coconut":
+            raise UserError(f"--thoughts {thoughts}: --model {m} is a {loaded.settings.mode} model; "
+                            f"only a COCONUT model feeds thoughts back")
+        label = stage_label(loaded.settings) + ("" if thoughts == "own" else f", thoughts {thoughts}")
         if progress is None:
-            res = evaluate(loaded, None, None, records, batch_size=batch_size, max_tokens=max_tokens)
+            res = evaluate(loaded, None, None, records, batch_size=batch_size, max_tokens=max_tokens,
+                           thoughts=thoughts)
         else:
             with progress(label, len(records)) as bar:
                 done = [0]
@@ -95,7 +100,7 @@ def compare(models, records, batch_size: int = 32, max_tokens: int = 64, dtype=N
                     done[0] = n
 
                 res = evaluate(loaded, None, None, records, batch_size=batch_size,
-                               max_tokens=max_tokens, progress=step)
+                               max_tokens=max_tokens, progress=step, thoughts=thoughts)
         out.append(ModelResult(str(m), label, res))
         del loaded
     _disambiguate(out)

@@ -24,11 +24,15 @@ def _eval_progress(label, total):
               help="New tokens per answer [as official: 64 when every answer is a number (GSM8k), else 128].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Cast the weights (default: as stored; use float32 on a Linux CPU).")
+@click.option("--thoughts", type=click.Choice(["own", "swapped", "none"]), default="own", show_default=True,
+              help="What COCONUT models get at their thought columns: their own continuous thoughts, "
+              "another question's (does the answer depend on them?), or none (the <|latent|> embedding).")
 @click.option("--examples", "n_examples", type=int, default=3, show_default=True, help="Examples printed.")
 @click.option("--report", default=None, metavar="MD", help="Write a markdown report.")
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Write all results as JSON.")
 @friendly_errors
-def eval_cmd(models, data_path, samples, batch_size, max_tokens, dtype, n_examples, report, json_path):
+def eval_cmd(models, data_path, samples, batch_size, max_tokens, dtype, thoughts, n_examples, report,
+             json_path):
     """Evaluate stages side by side: accuracy, tokens, time, CoT exact match, examples."""
     import mlx.core as mx
 
@@ -44,7 +48,7 @@ def eval_cmd(models, data_path, samples, batch_size, max_tokens, dtype, n_exampl
         from ..evaluate import default_max_tokens
         max_tokens = default_max_tokens(records)
     results = rep.compare(models, records, batch_size, max_tokens,
-                          getattr(mx, dtype) if dtype else None, progress=_eval_progress)
+                          getattr(mx, dtype) if dtype else None, progress=_eval_progress, thoughts=thoughts)
     click.echo(rep.render_text(results, n_examples))
     rep.write_outputs(results, report, json_path, data_path, max_tokens)
     for path in (report, json_path):
