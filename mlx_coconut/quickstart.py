@@ -3,8 +3,9 @@
 SmolLM2-135M-Instruct (the GGUF inside a PyPI wheel, converted by our converter) + synthetic word
 problems from `data synth` (disjoint seeds, held-out questions never seen in training) → three runs
 from the same model with the same budget: CoT (stage 0), no-CoT, and COCONUT (stage k from the CoT
-run) → all three evaluated side by side on the held-out questions → learning curves → a paragraph
-that reads the numbers.
+run) → all three evaluated side by side on the held-out questions, and COCONUT once more fed another
+question's thoughts (do its answers depend on them?) → learning curves → a paragraph that reads the
+numbers.
 
 Every step is an ordinary `mlx-coconut` command line, run in-process through `invoke` and written to
 `OUT/quickstart.json`, so any step can be re-run by hand with the same result. Nothing here reaches
@@ -160,6 +161,10 @@ def make_plan(out: Path, budget_name: str, gguf: Path, seed: int = 0) -> Plan:
     plan.steps.append(Step("eval", ["eval", *models, "--data", plan.data["test"], "--max-tokens",
                                     b.max_tokens, "--report", output(out, budget_name, "report.md"),
                                     "--json", output(out, budget_name, "results.json")]))
+    # the same COCONUT model fed another question's thoughts: do its answers depend on them?
+    plan.steps.append(Step("eval swapped", ["eval", "--model", plan.runs["coconut"], "--thoughts", "swapped",
+                                            "--data", plan.data["test"], "--max-tokens", b.max_tokens,
+                                            "--json", output(out, budget_name, "swapped.json")]))
     plan.steps.append(Step("plot", ["plot", *plan.runs.values(), "--results",
                                     output(out, budget_name, "results.json"),
                                     "--out", output(out, budget_name, "curves.png")]))
@@ -286,23 +291,39 @@ CONTROL_GOALS = (("pause", "coconut", "COCONUT >= pause as thought + 10 points")
                  ("no-thought-2", "coconut-2", "whole curriculum >= w/o thought (whole curriculum) + 10 points"),
                  ("no-curriculum", "coconut-2", "whole curriculum >= w/o curriculum + 10 points"))
 LAST_STAGE_GOAL = "whole curriculum >= no-CoT + 10 points with <= 6 tokens per question"
+# the eval-only row: the COCONUT run fed another question's thoughts (`eval --thoughts swapped`)
+SWAPPED = "coconut-swapped"
+SWAPPED_NAME = "COCONUT, another question's thoughts"
+DEPENDS = 0.05  # accuracy COCONUT must lose with another question's thoughts to "depend" on its own
 
 
-def summarize(results: dict, runs: dict) -> dict:
+def summarize(results: dict, runs: dict, swapped: dict = None) -> dict:
     """{row key: {name, label, n, accuracy, tokens, stage}} from an `eval --json` document,
-    recounted from its per-question records; `runs` maps row keys to run directories."""
+    recounted from its per-question records; `runs` maps row keys to run directories. `swapped` (the
+    swapped-thoughts eval of the COCONUT run) adds the SWAPPED row, with the share of questions
+    whose answer changed."""
     by_path = {str(Path(m["path"])): m for m in results["models"]}
     rows = {}
     for key, run in runs.items():
         m = by_path.get(str(Path(run)))
         if m is None:
             raise UserError(f"results have no {key} model ({run})")
-        ex = m["examples"]
-        n = max(len(ex), 1)
-        rows[key] = {"name": ROWS[key].name, "label": m["label"], "n": len(ex), "stage": ROWS[key].stage,
-                     "accuracy": sum(e["correct"] for e in ex) / n,
-                     "tokens": sum(e["n_generated"] + e["n_latents"] for e in ex) / n}
+        rows[key] = _row_numbers(m, ROWS[key].name, ROWS[key].stage)
+    if swapped is not None:
+        m = swapped["models"][0]
+        own = by_path[str(Path(runs["coconut"]))]["examples"]
+        rows[SWAPPED] = _row_numbers(m, SWAPPED_NAME, ROWS["coconut"].stage)
+        rows[SWAPPED]["changed"] = sum(a["prediction"] != b["prediction"]
+                                       for a, b in zip(own, m["examples"])) / max(len(own), 1)
     return rows
+
+
+def _row_numbers(model: dict, name: str, stage: int) -> dict:
+    ex = model["examples"]
+    n = max(len(ex), 1)
+    return {"name": name, "label": model["label"], "n": len(ex), "stage": stage,
+            "accuracy": sum(e["correct"] for e in ex) / n,
+            "tokens": sum(e["n_generated"] + e["n_latents"] for e in ex) / n}
 
 
 def goals(s: dict) -> list:
@@ -334,9 +355,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def interpret(results: dict, runs: dict) -> str:
-    """One paragraph that reads the numbers of an `eval --json` document, every row that ran."""
-    s = summarize(results, runs)
+def interpret(results: dict, runs: dict, swapped: dict = None) -> str:
+    """One paragraph that reads the numbers of an `eval --json` document (and the swapped-thoughts
+    eval), every row that ran."""
+    s = summarize(results, runs, swapped)
     cot, nocot, coco = s["cot"], s["no-cot"], s["coconut"]
     kept = coco["accuracy"] / cot["accuracy"] if cot["accuracy"] else 0.0
     saved = 1 - coco["tokens"] / cot["tokens"] if cot["tokens"] else 0.0
@@ -354,9 +376,18 @@ def interpret(results: dict, runs: dict) -> str:
             f"{c['name']} {_pct(c['accuracy'])} ({_points(r['accuracy'] - c['accuracy'])} for "
             f"{r['name']})" for c, r in controls) + ". "
     else:
-        text += ("No control ran, so nothing here separates the continuous thought from the extra "
-                 "positions and epochs it comes with: --budget long adds pause as thought and w/o "
+        text += ("No training control ran, so nothing here separates the thought slots from the extra "
+                 "positions and epochs they come with: --budget long adds pause as thought and w/o "
                  "thought at the same stage and schedule. ")
+    if SWAPPED in s:
+        sw = s[SWAPPED]
+        depends = coco["accuracy"] - sw["accuracy"] >= DEPENDS - 1e-9
+        text += (f"Fed another question's continuous thoughts in place of its own, COCONUT answered "
+                 f"{_pct(sw['accuracy'])} ({_points(sw['accuracy'] - coco['accuracy'])}; "
+                 f"{100 * sw['changed']:.1f}% of its answers changed): "
+                 + ("its answers depend on what its thoughts carry. " if depends else
+                    "its answers hardly depend on what its thoughts carry, so what COCONUT gains here "
+                    "does not come from the thoughts' content. "))
     if "coconut-2" in s:
         last = s["coconut-2"]
         text += (f"With both steps as continuous thoughts (stage 2), COCONUT answered "
@@ -373,9 +404,9 @@ def _points(d: float) -> str:
     return f"{100 * d:+.1f} points"
 
 
-def table(results: dict, runs: dict) -> str:
+def table(results: dict, runs: dict, swapped: dict = None) -> str:
     """The paper's Table 1 in miniature: one line per row, accuracy and tokens."""
-    s = summarize(results, runs)
+    s = summarize(results, runs, swapped)
     width = max(len(r["name"]) for r in s.values()) + 2
     lines = [f"{'method'.ljust(width)}stage  accuracy  tokens/question"]
     for r in s.values():
@@ -420,7 +451,9 @@ def run(out_dir, budget: str = "default", seed: int = 0, force: bool = False, in
         jobs = default_jobs()
     execute(plan, invoke, log, jobs=jobs, spawn=spawn)
     results = json.loads(output(out, budget, "results.json").read_text())
-    text, rows, summary = interpret(results, plan.runs), table(results, plan.runs), summarize(results, plan.runs)
+    swapped = json.loads(output(out, budget, "swapped.json").read_text())
+    text, rows = interpret(results, plan.runs, swapped), table(results, plan.runs, swapped)
+    summary = summarize(results, plan.runs, swapped)
     seconds = time.perf_counter() - start
     record = {"budget": budget, "seed": seed, "budget_flags": asdict(b), "jobs": jobs, "seconds": round(seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",

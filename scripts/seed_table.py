@@ -5,7 +5,8 @@
 
 A learning result is a distribution: one draw of the same recipe moves by several points, so compare
 configurations by these means and spreads, never by one run. The second table gives, for each control,
-COCONUT minus the control at the same stage, seed by seed (the long budget's goals ask for +10).
+COCONUT minus the control at the same stage, seed by seed (the long budget's goals ask for +10), and
+COCONUT minus itself fed another question's thoughts (quickstarts since session 15).
 """
 
 import argparse
@@ -45,8 +46,9 @@ def mean_sd(xs: list) -> str:
 
 def tables(records: list) -> str:
     """The seed table (accuracy %, tokens per question, minutes) and the control differences."""
-    keys = [k for k in quickstart.ROWS if all(k in r["rows"] for r in records)]
-    names = [quickstart.ROWS[k].name for k in keys]
+    keys = [k for k in (*quickstart.ROWS, quickstart.SWAPPED) if all(k in r["rows"] for r in records)]
+    name = {k: records[0]["rows"][k]["name"] for k in keys}
+    names = [name[k] for k in keys]
     lines = ["| seed | " + " | ".join(names) + " | minutes (this command) |", "|---" * (len(keys) + 2) + "|"]
     for r in records:
         cells = [f"{100 * r['rows'][k]['accuracy']:.1f}% ({r['rows'][k]['tokens']:.1f})" for k in keys]
@@ -56,14 +58,15 @@ def tables(records: list) -> str:
     lines.append("| mean ± sd | " + " | ".join(f"{mean_sd(acc[k])}% ({statistics.mean(tok[k]):.1f})"
                                                 for k in keys)
                  + f" | {mean_sd([r['seconds'] / 60 for r in records])} |")
-    controls = [(c, ref) for c, ref, _ in quickstart.CONTROL_GOALS if c in keys and ref in keys]
+    pairs = [(c, ref) for c, ref, _ in quickstart.CONTROL_GOALS] + [(quickstart.SWAPPED, "coconut")]
+    controls = [(c, ref) for c, ref in pairs if c in keys and ref in keys]
     if controls:
         lines += ["", "| COCONUT − control (points, same stage) | "
                   + " | ".join(str(r.get("seed", "?")) for r in records) + " | mean ± sd |",
                   "|---" * (len(records) + 2) + "|"]
         for c, ref in controls:
             d = [a - b for a, b in zip(acc[ref], acc[c])]
-            lines.append(f"| {quickstart.ROWS[ref].name} − {quickstart.ROWS[c].name} | "
+            lines.append(f"| {name[ref]} − {name[c]} | "
                          + " | ".join(f"{x:+.1f}" for x in d) + f" | {mean_sd(d)} |")
     return "\n".join(lines)
 

@@ -35,10 +35,14 @@ def test_quickstart_small(smollm2_gguf_path, tmp_path):
     assert [m["settings"]["stage"] for m in results["models"]] == [0, 0, 1, 1, 1, 2, 2, 2, 2]
     runs = {key: out / "runs" / key for key in quickstart.BUDGETS["small"].rows}
     # the printed table and paragraph are the ones computed from results.json
+    swapped = json.loads(quickstart.output(out, "small", "swapped.json").read_text())
+    assert swapped["models"][0]["settings"]["thoughts"] == "swapped"
     paragraph = stdout.split("== what this shows\n")[1].split("\n")[0]
-    assert paragraph == quickstart.interpret(results, runs)
+    assert paragraph == quickstart.interpret(results, runs, swapped)
+    assert "Fed another question's continuous thoughts" in paragraph
     printed = stdout.split("== the table in miniature\n")[1].split("\n\n")[0]
-    assert printed == quickstart.table(results, runs)
+    assert printed == quickstart.table(results, runs, swapped)
+    assert printed.splitlines()[-1].startswith(quickstart.SWAPPED_NAME)
     report = quickstart.output(out, "small", "report.md").read_text()
     assert "| Stage 0 (no-CoT) |" in report and paragraph in report and "w/o curriculum" in report
     # the whole curriculum starts from the stage-1 run; w/o curriculum straight from CoT
@@ -162,8 +166,16 @@ def _results(**rows):
         row = quickstart.ROWS[key]
         models.append({"path": f"/r/{key}", "label": f"Stage {row.stage} ({row.name})",
                        "settings": {"mode": row.flags[1]},
-                       "examples": [{"correct": c, "n_generated": g, "n_latents": thoughts} for c, g in rows_]})
+                       "examples": [{"correct": c, "n_generated": g, "n_latents": thoughts,
+                                     "prediction": "right" if c else "wrong"} for c, g in rows_]})
     return {"models": models}, {key: f"/r/{key}" for key in rows}
+
+
+def _swapped(correct: list, tokens: int, thoughts: int, predictions: list) -> dict:
+    """The swapped-thoughts eval of /r/coconut: per question correct, tokens, prediction."""
+    return {"models": [{"path": "/r/coconut", "label": "Stage 1 (COCONUT), thoughts swapped",
+                        "examples": [{"correct": c, "n_generated": tokens, "n_latents": thoughts,
+                                      "prediction": p} for c, p in zip(correct, predictions)]}]}
 
 
 def test_interpretation_recounts_the_records():
@@ -173,8 +185,20 @@ def test_interpretation_recounts_the_records():
     text = quickstart.interpret(res, runs)
     assert "answered 40.0% correctly, 80% of CoT's 50.0%, with 40% fewer tokens" in text
     assert "(12.0 vs 20.0" in text and "reached 20.0%, so COCONUT is 20.0 points above it" in text
-    assert "No control ran" in text  # the three-row default says what it cannot show
+    assert "No training control ran" in text  # the three-row default says what it cannot show
     assert text.endswith("All 5 goals are met.")
+    # the same COCONUT fed other questions' thoughts: 2 of its 4 right answers lost, 3 answers changed
+    own = ["right"] * 4 + ["wrong"] * 6
+    sw = _swapped([True] * 2 + [False] * 8, 11, 1, ["right"] * 2 + ["x"] * 2 + ["wrong"] * 5 + ["y"])
+    text = quickstart.interpret(res, runs, sw)
+    assert ("Fed another question's continuous thoughts in place of its own, COCONUT answered 20.0% "
+            "(-20.0 points; 30.0% of its answers changed): its answers depend on") in text
+    assert text.endswith("All 5 goals are met.")  # an eval-only row, not one of the five goals
+    last = quickstart.table(res, runs, sw).splitlines()[-1]
+    assert last.startswith(quickstart.SWAPPED_NAME) and last.split()[-3:] == ["1", "20.0%", "12.0"]
+    sw = _swapped([True] * 4 + [False] * 6, 11, 1, own[:9] + ["z"])  # one wrong answer changed
+    text = quickstart.interpret(res, runs, sw)
+    assert "answered 40.0% (+0.0 points; 10.0% of its answers changed): its answers hardly depend" in text
     res, runs = _results(cot=([(True, 20)] * 3 + [(False, 20)] * 7, 0),
                          **{"no-cot": ([(True, 4)] * 3 + [(False, 4)] * 7, 0)},
                          coconut=([(True, 30)] * 2 + [(False, 30)] * 8, 1))
@@ -197,7 +221,7 @@ def test_interpretation_covers_every_row_of_the_long_table():
     assert "w/o thought, whole curriculum 20.0% (+10.0 points for COCONUT, whole curriculum)" in text
     assert "w/o curriculum 10.0% (+20.0 points for COCONUT, whole curriculum)" in text
     assert "COCONUT answered 30.0% with 5.0 tokens per question" in text
-    assert "No control ran" not in text
+    assert "No training control ran" not in text
     # pause is exactly 10 points below: met; 5.0 tokens and +20 over no-CoT: the last stage's goal met
     assert text.endswith("All 11 goals are met.")
     res["models"][5]["examples"] = [dict(e, n_generated=5) for e in res["models"][5]["examples"]]
@@ -232,6 +256,16 @@ def test_seed_table_reads_each_seeds_record(tmp_path, capsys):
     assert lines[5] == ("| mean ± sd | 50.0 ± 0.0% (3.0) | 10.0 ± 0.0% (3.0) | 50.0 ± 10.0% (5.0) | "
                         "36.7 ± 11.5% (5.0) | 11.0 ± 1.0 |")
     assert "| COCONUT − pause as thought | +30.0 | +10.0 | +0.0 | 13.3 ± 15.3 |" in lines
+    # with the swapped-thoughts row (one right answer fewer on every seed): a column and a difference
+    records = seed_table.read_records(dirs, "long")
+    for r, coco in zip(records, (6, 4, 5)):
+        own = ["right"] * coco + ["wrong"] * (10 - coco)
+        sw = _swapped([True] * (coco - 1) + [False] * (11 - coco), 3, 2, own[:coco - 1] + ["wrong"] * (11 - coco))
+        res, runs = _results(cot=(ten(5), 0), **{"no-cot": (ten(1), 0)}, coconut=(ten(coco), 2))
+        r["rows"][quickstart.SWAPPED] = quickstart.summarize(res, runs, sw)[quickstart.SWAPPED]
+    lines = seed_table.tables(records).splitlines()
+    assert lines[0].endswith(f"| {quickstart.SWAPPED_NAME} | minutes (this command) |")
+    assert f"| COCONUT − {quickstart.SWAPPED_NAME} | +10.0 | +10.0 | +10.0 | 10.0 ± 0.0 |" in lines
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # a seed that has not run: one line naming its file
         seed_table.main(dirs + [str(tmp_path / "missing"), "--budget", "long"])
