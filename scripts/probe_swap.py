@@ -32,31 +32,40 @@ BATCH = 32
 def donor_answer(steps: list, donor_first: str) -> str:
     """The question's last step `<<a op b=c>>` worked from `donor_first` in place of a ("" when the
     last step does not have that form or does not start from the first step's result)."""
-    m = STEP.match(steps[-1].strip())
-    if len(steps) < 2 or not m or m.group(1) != step_result(steps[0]) or not donor_first.lstrip("-").isdigit():
+    m = STEP.match(steps[-1].strip()) if len(steps) >= 2 else None
+    if not m or m.group(1) != step_result(steps[0]) or not donor_first.lstrip("-").isdigit():
         return ""
     a, op, b = int(donor_first), m.group(2), int(m.group(3))
     return str(a + b if op == "+" else a - b if op == "-" else a * b)
 
 
+def first_result(record) -> str:
+    return step_result(record.steps[0]) if record.steps else ""
+
+
 def probe_run(run: str, records: list, max_tokens: int) -> dict:
-    """{"n", "thoughts", "pairs", "own" | "swapped" | "none": {"accuracy", "follows_donor"}} of one run."""
+    """{"n", "thoughts", "pairs", "changed", "own" | "swapped" | "none": {"accuracy", "follows_donor"}}
+    of one run; a line on stderr after each of its three evaluations (minutes each on a CPU)."""
     from mlx_coconut import api
     from mlx_coconut.evaluate import evaluate
 
     loaded = api.load(run)
     if loaded.settings.mode != "coconut":
         raise UserError(f"{run}: a {loaded.settings.mode} run feeds no hidden state back: no thoughts to swap")
-    results = {t: evaluate(loaded, records, max_tokens=max_tokens, batch_size=BATCH, thoughts=t).examples
-               for t in ("own", "swapped", "none")}
+    latent = api.special_ids(loaded).latent
+    if not any(latent in api.prompt_ids(loaded, r) for r in records):
+        raise UserError(f"{run}: its prompts have no thoughts (stage {loaded.settings.stage})")
+    results = {}
+    for t in ("own", "swapped", "none"):
+        res = evaluate(loaded, records, max_tokens=max_tokens, batch_size=BATCH, thoughts=t)
+        results[t] = res.examples
+        print(f"{run}: thoughts {t}: {100 * res.accuracy:.1f}% ({res.seconds:.0f} s)", file=sys.stderr)
     swapped = results["swapped"]
     counts = {e["n_latents"] for e in swapped}
-    if counts == {0}:
-        raise UserError(f"{run}: its prompts have no thoughts (stage 0)")
     donors = [e["donor"] for e in swapped]
-    follow = [donor_answer(r.steps, step_result(records[d].steps[0])) for r, d in zip(records, donors)]
+    follow = [donor_answer(r.steps, first_result(records[d])) for r, d in zip(records, donors)]
     pairs = [i for i, (r, d) in enumerate(zip(records, donors))
-             if follow[i] and d != i and step_result(r.steps[0]) != step_result(records[d].steps[0])
+             if follow[i] and d != i and first_result(r) != first_result(records[d])
              and follow[i] != swapped[i]["answer"]]
     out = {"n": len(records), "thoughts": "/".join(str(c) for c in sorted(counts)), "pairs": len(pairs),
            "changed": float(np.mean([a["prediction"] != b["prediction"] for a, b in zip(results["own"], swapped)]))}
@@ -87,6 +96,8 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     if args.n is not None and args.n < 2:
         p.error(f"--n must be >= 2: a question needs another one to take thoughts from (got {args.n})")
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be >= 1 (got {args.max_tokens})")
     try:
         from mlx_coconut.data import load_records
 

@@ -139,7 +139,8 @@ def test_donor_answer_works_the_last_step_from_the_donors_first_result():
     assert probe.donor_answer(["<<16+4=20>>", "<<20-8=12>>"], "9") == "1"
     assert probe.donor_answer(["<<3+4=7>>", "<<7+5=12>>"], "10") == "15"
     assert probe.donor_answer(["<<3+4=7>>", "<<8+5=13>>"], "10") == ""  # does not start from step 1
-    assert probe.donor_answer(["<<3+4=7>>"], "10") == ""
+    assert probe.donor_answer(["<<3+4=7>>"], "10") == "" and probe.donor_answer([], "10") == ""
+    assert probe.donor_answer(["<<3+4=7>>", "<<7+5=12>>"], "") == ""  # a donor with no steps
 
 
 def test_probe_swap_on_a_stage1_model(tmp_path, capsys):
@@ -153,8 +154,15 @@ def test_probe_swap_on_a_stage1_model(tmp_path, capsys):
                                 for a in range(1, 4) for b in range(1, 4)]))
     text = probe.main([str(run), "--data", str(data), "--max-tokens", "3"])
     assert text.count("\n") == 2 and "| 2 |" in text
+    err = capsys.readouterr().err  # a line per evaluation: minutes each on a CPU
+    assert [line.split(": ")[1] for line in err.splitlines()] == ["thoughts own", "thoughts swapped", "thoughts none"]
     pause = tmp_path / "pause"
     write_model_dir(pause, {"mode": "pause", "stage": 1, "c_thought": 2})
     with pytest.raises(SystemExit) as e:
         probe.main([str(pause), "--data", str(data)])
     assert "feeds no hidden state back" in str(e.value) and "\n" not in str(e.value)
+    stage0 = tmp_path / "stage0"
+    write_model_dir(stage0, {"mode": "coconut", "stage": 0, "c_thought": 2})
+    with pytest.raises(SystemExit) as e:
+        probe.main([str(stage0), "--data", str(data)])
+    assert "no thoughts (stage 0)" in str(e.value) and "\n" not in str(e.value)
