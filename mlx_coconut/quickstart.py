@@ -86,7 +86,7 @@ BUDGETS = {
                       note="~17 minutes on a 2-core x86 CPU"),
     # the same data and runs as default, plus the controls and the whole curriculum
     "long": Budget(train=400, valid=100, test=200, rows=tuple(ROWS),
-                   note="the default plus six 4-epoch LoRA runs, ~55 minutes on a 2-core x86 CPU"),
+                   note="the default plus six 4-epoch LoRA runs, ~50 minutes on a 2-core x86 CPU"),
     "small": Budget(train=8, valid=2, test=4, rows=tuple(ROWS), synth=("--min-steps", "1", "--max-steps", "2"),
                     latent_flags=("--c-thought", "2", "--epochs", "1", "--lora"), max_tokens=12,
                     note="CI smoke test of every row: a few steps each, ~2-4 minutes"),

@@ -75,7 +75,7 @@ def plot(runs, out, results):
               "with --seed N].")
 @click.option("--budget", type=click.Choice(["default", "long", "small"]), default="default",
               show_default=True, help="default: CoT, no-CoT and COCONUT (17 min measured on a "
-              "2-core CPU); long (~55 min there): the paper's Table 1 in miniature, with the controls and the whole curriculum "
+              "2-core CPU); long (50 min there): the paper's Table 1 in miniature, with the controls and the whole curriculum "
               "(reuses a default run's runs in the same --out); small: every row, tiny (the CI test).")
 @click.option("--small", is_flag=True, help="Same as --budget small.")
 @click.option("--seed", type=int, default=0, show_default=True,
