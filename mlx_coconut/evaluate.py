@@ -163,18 +163,15 @@ def thought_columns(thoughts: list, prompts: list, latent_id: int) -> list:
     of `prompts` (every prompt ends in the last column, so a row's k_b thoughts are its last k_b
     latent columns); rows without a thought at a column get zeros there (not fed)."""
     width = max(len(p) for p in prompts)
-    cols = sorted({width - len(p) + t for p in prompts for t, x in enumerate(p) if x == latent_id})
+    # each row's latent columns in the padded batch, in order: its thought j sits at positions[b][j]
+    positions = [[width - len(p) + i for i, x in enumerate(p) if x == latent_id] for p in prompts]
+    cols = sorted({c for pos in positions for c in pos})
     if not cols or all(t is None for t in thoughts):
         return None
-    dim = next(t.shape[-1] for t in thoughts if t is not None)
-    out = []
-    for c in cols:
-        rows = []
-        for p, t in zip(prompts, thoughts):
-            pos = [width - len(p) + i for i, x in enumerate(p) if x == latent_id]
-            rows.append(t[pos.index(c)] if t is not None and c in pos else mx.zeros((dim,), mx.float32))
-        out.append(mx.stack([r.astype(mx.float32) for r in rows]))
-    return out
+    zero = mx.zeros((next(t.shape[-1] for t in thoughts if t is not None),), mx.float32)
+    slot = [{c: j for j, c in enumerate(pos)} for pos in positions]
+    return [mx.stack([t[slot[b][c]].astype(mx.float32) if t is not None and c in slot[b] else zero
+                      for b, t in enumerate(thoughts)]) for c in cols]
 
 
 def summarize(examples: list, seconds: float, settings: dict) -> EvalResults:
