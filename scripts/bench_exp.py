@@ -3,7 +3,9 @@ steps (stage 0 and stage 1 on GSM8k, as bench_torch.py builds them), alternating
 
 The "MLX ops" side is the same model and Stepper with `fastexp.on_cpu` answering False while its
 steps are traced, so its compiled graphs use mx.exp / nn.silu, as the product did before fastexp.
-Prints each ratio (MLX ops' time / ours) and how far the losses and gradients moved.
+The "no flush" side traces ours with `fastexp.FLUSH_BELOW` at -inf (e^x never 0: masked attention
+scores give ~1e-38, as fastexp did before the flush); with it, sgemm on denormal operands alone.
+Prints each ratio (their time / ours) and how far the losses and gradients moved.
 
     python scripts/bench_exp.py [--model DIR] [--repeats 3]
 """
@@ -46,6 +48,24 @@ def ops(repeats: int):
         print(f"RATIO {op}: mlx/ours time = {ratio:.3f}")
 
 
+def denormal_sgemm(repeats: int):
+    """The CPU's price for denormal floats: one MLP matmul with a normal operand and with the same
+    operand scaled into the denormal range (zero on some CPUs, two orders of magnitude on others)."""
+    import mlx.core as mx
+
+    import bench_common as bc
+
+    a, b = mx.random.normal((1200, 576)), mx.random.normal((576, 1536))
+    tiny = a * 1e-40
+    mx.eval(a, b, tiny)
+    runs = bc.alternate({"normal": lambda: time_op(lambda x: x @ b, a, 3),
+                         "denormal": lambda: time_op(lambda x: x @ b, tiny, 3)}, repeats, log=False)
+    flops = 2 * 1200 * 576 * 1536
+    print(f"  sgemm 1200x576x1536: {flops / bc.median(runs['normal']) / 1e9:.1f} GFLOP/s, with a denormal "
+          f"operand {flops / bc.median(runs['denormal']) / 1e9:.1f}")
+    print(f"RATIO sgemm: denormal/normal time = {bc.paired_ratio(runs['denormal'], runs['normal']):.3f}")
+
+
 def steps(model_path, repeats: int, batch_size: int):
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -56,19 +76,20 @@ def steps(model_path, repeats: int, batch_size: int):
     from mlx_coconut.training import Stepper
 
     model, _, _, batches = gsm8k_batches(model_path, batch_size)
-    steppers = {"ours": Stepper(model, feedback=True, use_compile=True),
-                "mlx": Stepper(model, feedback=True, use_compile=True)}
-    native = fastexp.on_cpu
+    steppers = {side: Stepper(model, feedback=True, use_compile=True) for side in ("ours", "mlx", "no flush")}
+    native, flush = fastexp.on_cpu, fastexp.FLUSH_BELOW
 
     def run(side, name):
-        fastexp.on_cpu = native if side == "ours" else (lambda: False)  # read while tracing
+        # both are read while tracing
+        fastexp.on_cpu = (lambda: False) if side == "mlx" else native
+        fastexp.FLUSH_BELOW = -float("inf") if side == "no flush" else flush
         try:
             t = time.perf_counter()
             loss, _, grads = steppers[side](batches[name])
             mx.eval(loss, grads)
             dt = time.perf_counter() - t
         finally:
-            fastexp.on_cpu = native
+            fastexp.on_cpu, fastexp.FLUSH_BELOW = native, flush
         flat = [g.astype(mx.float32) for _, g in tree_flatten(grads)]
         return {"s": dt, "loss": loss.item(), "grads": flat}
 
@@ -77,7 +98,7 @@ def steps(model_path, repeats: int, batch_size: int):
     runs = bc.alternate(fns, repeats, log=False)
     result = {}
     for name, b in batches.items():
-        o, m = runs[f"ours {name}"], runs[f"mlx {name}"]
+        o, m, nf = runs[f"ours {name}"], runs[f"mlx {name}"], runs[f"no flush {name}"]
         loss_rel = abs(o[-1]["loss"] - m[-1]["loss"]) / abs(m[-1]["loss"])
         gdiff = max(mx.abs(a - c).max().item() / max(mx.abs(c).max().item(), 1e-30)
                     for a, c in zip(o[-1]["grads"], m[-1]["grads"]))
@@ -88,7 +109,10 @@ def steps(model_path, repeats: int, batch_size: int):
               f"diff / its tensor's max {gdiff:.1e}")
         ratio = bc.paired_ratio(m, o, "s")
         print(f"RATIO {name}: mlx/ours time = {ratio:.3f}")
-        result[name] = {"ratio": ratio, "gradient_diff": gdiff, "loss_rel": loss_rel}
+        flush_ratio = bc.paired_ratio(nf, o, "s")
+        print(f"  {name} without the flush: {bc.median(nf, 's'):.2f} s/step")
+        print(f"RATIO {name}: no-flush/ours time = {flush_ratio:.3f}")
+        result[name] = {"ratio": ratio, "gradient_diff": gdiff, "loss_rel": loss_rel, "flush_ratio": flush_ratio}
     return result
 
 
@@ -100,6 +124,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     bc.header("bench_exp: our CPU exp / SiLU vs MLX's, ops and training steps")
     ops(args.repeats * 2)
+    denormal_sgemm(args.repeats)
     return steps(bc.resolve_model(args.model), args.repeats, args.batch_size)
 
 

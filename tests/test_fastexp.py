@@ -15,7 +15,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_exp_matches_float64(compiled):
-    x = np.concatenate([np.linspace(-87, 88, 200_001), [0.0, -1e-8, 1e-8, 0.5 * np.log(2)]])
+    x = np.concatenate([np.linspace(fastexp.FLUSH_BELOW, 88, 200_001), [0.0, -1e-8, 1e-8, 0.5 * np.log(2)]])
     f = mx.compile(fastexp.cephes_exp) if compiled else fastexp.cephes_exp
     got = np.array(f(mx.array(x, dtype=mx.float32))).astype(np.float64)
     want = np.exp(np.array(x, dtype=np.float32).astype(np.float64))  # of the fp32 inputs
@@ -24,7 +24,37 @@ def test_exp_matches_float64(compiled):
 
 def test_exp_extremes_stay_finite():
     got = np.array(fastexp.cephes_exp(mx.array([-1e4, -200.0, 200.0, 1e4])))
-    assert np.all(np.isfinite(got)) and got[0] < 1e-37 and got[1] < 1e-37 and got[2] > 1e38
+    assert np.all(np.isfinite(got)) and got[0] == 0 and got[1] == 0 and got[2] > 1e38
+
+
+def _denormals(a) -> int:
+    a = np.abs(np.array(a, dtype=np.float32))
+    return int(((a > 0) & (a < np.finfo(np.float32).tiny)).sum())
+
+
+def test_no_denormals_from_masks_or_far_tails():
+    """Masked attention scores and far logit tails give exact zeros, never denormal floats (which
+    Intel CPUs multiply far slower inside sgemm); x just below the flush gives 0, just above e^x."""
+    below, above = fastexp.FLUSH_BELOW - 1e-3, fastexp.FLUSH_BELOW + 1e-3
+    got = np.array(fastexp.cephes_exp(mx.array([below, above, -86.0, -87.2, -88.0])))
+    assert got[0] == 0 and got[2:].tolist() == [0, 0, 0] and abs(got[1] / np.exp(np.float64(above)) - 1) < 1e-6
+    rng = np.random.default_rng(4)
+    B, n_q, L, D = 2, 3, 40, 8
+    q, k, v = (mx.array(rng.normal(0, 1, (B, n_q, L, D)), dtype=mx.float32) for _ in range(3))
+    out = fastexp.attention(q, k, v, D ** -0.5, "causal")
+    grads = mx.grad(lambda q, k, v: fastexp.attention(q, k, v, D ** -0.5, "causal").sum(),
+                    argnums=(0, 1, 2))(q, k, v)
+    scores = mx.where(mx.tril(mx.ones((L, L))) > 0, mx.array(rng.normal(0, 1, (L, L)), dtype=mx.float32),
+                      mx.finfo(mx.float32).min)
+    probs = fastexp.softmax(scores)
+    assert (probs * (mx.tril(mx.ones((L, L))) == 0)).abs().max().item() == 0  # masked: exactly 0
+    # logits spread over 90 nats: the tails' probabilities, and their gradients at a loss scale of 2.5e-4
+    from mlx_coconut.coconut import cross_entropy
+    logits = mx.array(np.linspace(-90, 0, 1000)[None].repeat(4, 0), dtype=mx.float32)
+    loss, ce_probs = cross_entropy(logits, mx.array([999, 998, 500, 0]))
+    ce_grad = mx.grad(lambda x: cross_entropy(x, mx.array([999, 998, 500, 0]))[0].mean() * 1e-3)(logits)
+    for a in (out, *grads, probs, ce_probs, ce_grad):
+        assert _denormals(a) == 0
 
 
 @pytest.mark.parametrize("compiled", [False, True])
