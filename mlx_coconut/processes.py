@@ -26,11 +26,14 @@ STOP_SECONDS = 120  # a stopped child saves its checkpoint first; killed past th
 
 @dataclass(frozen=True)
 class Task:
-    """One command line (`mlx-coconut` arguments), started once every task in `after` has finished."""
+    """One command line (`mlx-coconut` arguments), started once every task in `after` has finished.
+    A `spare_cores_only` task (a short one: an evaluation) starts only on cores no running task uses
+    and never beside a task starting at the same moment, which would keep half the threads for good."""
     name: str
     argv: tuple
     log: Path            # the child's stdout and stderr
     after: tuple = ()
+    spare_cores_only: bool = False
 
     @property
     def command(self) -> str:
@@ -130,9 +133,7 @@ def run_tasks(tasks, jobs: int, spawn: Callable = start_process, log=print, core
             # last beside nothing else runs on part of the cores)
             ready = sorted((t for t in pending if all(a in finished for a in t.after)),
                            key=lambda t: (-length[t.name], waited_since(t)))
-            launch = ready[:max(0, jobs - len(running))]
-            threads = max(1, cores // max(1, len(running) + len(launch)))
-            for t in launch:
+            for t, threads in _launches(ready, running, jobs, cores):
                 log(f"\n== {t.name} started ({threads} BLAS thread{'s' * (threads > 1)}; "
                     f"output: {t.log}): {t.command}")
                 running[t.name] = (t, spawn(t.argv, t.log, threads), clock(), threads)
@@ -158,6 +159,19 @@ def run_tasks(tasks, jobs: int, spawn: Callable = start_process, log=print, core
         _stop([(t, p) for t, p, _, _ in running.values()], log)
         raise
     return finished
+
+
+def _launches(ready, running: dict, jobs: int, cores: int) -> list:
+    """[(task, BLAS threads)] to start now: the ready tasks up to `jobs`, each with its share of the
+    cores; spare-cores-only tasks only when none of the others starts and cores are idle."""
+    slots = max(0, jobs - len(running))
+    launch = [t for t in ready if not t.spare_cores_only][:slots]
+    if launch:
+        threads = max(1, cores // (len(running) + len(launch)))
+        return [(t, threads) for t in launch]
+    idle = cores - sum(threads for *_, threads in running.values())
+    launch = [t for t in ready if t.spare_cores_only][:min(slots, idle)]
+    return [(t, idle // len(launch)) for t in launch]
 
 
 def _stop(children, log) -> None:

@@ -157,14 +157,17 @@ def make_plan(out: Path, budget_name: str, gguf: Path, seed: int = 0) -> Plan:
         start = (["--model", plan.model, *common, *b.train_flags] if row.init is None else
                  ["--init", plan.runs[row.init], *b.latent_flags])
         plan.steps.append(Step(f"train {key}", ["train", *start, *row.flags, "--out", plan.runs[key]]))
-    models = [a for key in b.rows for a in ("--model", plan.runs[key])]
-    plan.steps.append(Step("eval", ["eval", *models, "--data", plan.data["test"], "--max-tokens",
-                                    b.max_tokens, "--report", output(out, budget_name, "report.md"),
-                                    "--json", output(out, budget_name, "results.json")]))
+    # each run on its own (it can start as soon as the run is trained), then one table of them all
+    test = ["--data", plan.data["test"], "--max-tokens", b.max_tokens]
+    for key in b.rows:
+        plan.steps.append(Step(f"eval {key}", ["eval", "--model", plan.runs[key], *test, "--json",
+                                               out / "evals" / f"{key}.json"]))
     # the same COCONUT model fed another question's thoughts: do its answers depend on them?
     plan.steps.append(Step("eval swapped", ["eval", "--model", plan.runs["coconut"], "--thoughts", "swapped",
-                                            "--data", plan.data["test"], "--max-tokens", b.max_tokens,
-                                            "--json", output(out, budget_name, "swapped.json")]))
+                                            *test, "--json", output(out, budget_name, "swapped.json")]))
+    earlier = [a for key in b.rows for a in ("--results", out / "evals" / f"{key}.json")]
+    plan.steps.append(Step("results", ["eval", *earlier, "--report", output(out, budget_name, "report.md"),
+                                       "--json", output(out, budget_name, "results.json")]))
     plan.steps.append(Step("plot", ["plot", *plan.runs.values(), "--results",
                                     output(out, budget_name, "results.json"),
                                     "--out", output(out, budget_name, "curves.png")]))
@@ -210,13 +213,14 @@ def execute(plan: Plan, invoke: Callable, log=print, jobs: int = 1, spawn: Calla
     """Run the plan's steps. Existing runs are continued with `train --resume` (which returns at once
     when complete); the recorded command stays the plain one. Runs trained otherwise (another seed)
     are refused before any step rewrites the data they were trained on. With `jobs` > 1 the runs
-    still to train go as child processes, `jobs` at a time, each after the run it starts from."""
+    still to train and the evaluations go as child processes, `jobs` at a time, each after the run it
+    needs; an evaluation only takes cores no run is using."""
     existing = {step.label: _existing_run(plan.runs[_row(step)], step.argv)
                 for step in plan.steps if step.label.startswith("train ")}
-    side_by_side = [step for step in plan.steps
-                    if jobs > 1 and step.label in existing and not _complete(existing[step.label])]
+    side_by_side = [step for step in plan.steps if jobs > 1 and (
+        _is_eval(step) or (step.label in existing and not _complete(existing[step.label])))]
     if len(side_by_side) < 2:
-        side_by_side = []  # one run: in this process, its output on the terminal
+        side_by_side = []  # one step: in this process, its output on the terminal
     for step in plan.steps:
         argv = [str(a) for a in step.argv]
         if step.label == "convert" and (plan.model / "config.json").exists():
@@ -229,7 +233,7 @@ def execute(plan: Plan, invoke: Callable, log=print, jobs: int = 1, spawn: Calla
             continue
         if any(step is s for s in side_by_side):
             if step is side_by_side[0]:
-                _train_side_by_side(plan, side_by_side, existing, jobs, spawn, log)
+                _side_by_side(plan, side_by_side, existing, jobs, spawn, log)
             continue
         if existing.get(step.label):
             argv = ["train", "--resume", "--out", str(plan.runs[_row(step)])]
@@ -240,7 +244,13 @@ def execute(plan: Plan, invoke: Callable, log=print, jobs: int = 1, spawn: Calla
 
 
 def _row(step: Step) -> str:
-    return step.label[len("train "):]
+    """The row a `train ROW` / `eval ROW` step is about (`eval swapped`: the COCONUT run)."""
+    row = step.label.split(" ", 1)[1]
+    return "coconut" if row == "swapped" else row
+
+
+def _is_eval(step: Step) -> bool:
+    return step.label.startswith("eval ")
 
 
 def _complete(run) -> bool:
@@ -250,20 +260,28 @@ def _complete(run) -> bool:
         return False
 
 
-def _train_side_by_side(plan: Plan, steps: list, existing: dict, jobs: int, spawn, log) -> None:
-    """The training runs of `steps` as child processes, `jobs` at a time (processes.py)."""
+def _side_by_side(plan: Plan, steps: list, existing: dict, jobs: int, spawn, log) -> None:
+    """The training runs and evaluations of `steps` as child processes, `jobs` at a time
+    (processes.py): a run after the run it starts from, an evaluation after its run, on spare cores."""
     from . import processes
 
     labels = {step.label for step in steps}
     tasks = []
     for step in steps:
         key = _row(step)
+        if _is_eval(step):
+            after = (f"train {key}",) if f"train {key}" in labels else ()
+            name = step.label.replace(" ", "-")
+            tasks.append(processes.Task(step.label, tuple(step.argv), plan.out / "logs" / f"{name}.log", after,
+                                        spare_cores_only=True))
+            continue
         argv = (["train", "--resume", "--out", plan.runs[key]] if existing[step.label] else step.argv)
         init = ROWS[key].init
         after = (f"train {init}",) if init and f"train {init}" in labels else ()
         tasks.append(processes.Task(step.label, tuple(argv), plan.out / "logs" / f"{key}.log", after))
-    log(f"\n== {len(tasks)} training runs, {jobs} at a time as child processes (--jobs {jobs}), each "
-        f"after the run it starts from; their output: {plan.out / 'logs'}")
+    runs = sum(not _is_eval(step) for step in steps)
+    log(f"\n== {runs} training runs and {len(tasks) - runs} evaluations, {jobs} at a time as child processes "
+        f"(--jobs {jobs}), each after the run it needs; their output: {plan.out / 'logs'}")
     done = processes.run_tasks(tasks, jobs, spawn=spawn or processes.start_process, log=log)
     for step in steps:
         step.seconds, step.started, step.blas_threads = (done[step.label].seconds, done[step.label].started,

@@ -103,11 +103,11 @@ def compare(models, records, batch_size: int = 32, max_tokens: int = 64, dtype=N
                                max_tokens=max_tokens, progress=step, thoughts=thoughts)
         out.append(ModelResult(str(m), label, res))
         del loaded
-    _disambiguate(out)
+    disambiguate(out)
     return out
 
 
-def _disambiguate(results):
+def disambiguate(results):
     """Two runs with the same settings get their paths appended so the lines stay distinguishable."""
     labels = [r.label for r in results]
     for r in results:
@@ -225,6 +225,23 @@ def to_json(results, data: str = "", max_tokens: Optional[int] = None) -> dict:
               "accuracy_change_pct": quality(b, o)} for b, o in _comparisons(results)]
     return {"data": data, "n": results[0].results.n, "max_tokens": max_tokens, "models": models,
             "comparisons": comps}
+
+
+def read_results(path) -> tuple:
+    """An `eval --json` file read back → ([ModelResult], data, max_tokens), to compare its models with
+    others without evaluating them again (`eval --results`)."""
+    from .evaluate import EvalResults
+
+    try:
+        doc = json.loads(Path(path).read_text())
+        results = [ModelResult(m["path"], m["label"], EvalResults(
+            m["examples"], m["accuracy"], m["cot_match"], m["mean_generated_tokens"], m["seconds"],
+            m.get("settings", {}))) for m in doc["models"]]
+        return results, doc["data"], doc["max_tokens"]
+    except OSError as e:
+        raise UserError(f"--results {path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--results {path}: not an `eval --json` file ({type(e).__name__}: {e})") from None
 
 
 def write_outputs(results, report: Optional[str], json_path: Optional[str], data: str,

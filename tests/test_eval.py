@@ -165,6 +165,64 @@ def test_eval_one_model_and_samples(models, data_file, fake_generate, tmp_path):
     assert data["n"] == 3 and data["models"][0]["correct"] == 1 and data["comparisons"] == []
 
 
+def test_eval_results_joins_earlier_evaluations(models, data_file, fake_generate, tmp_path):
+    """Two models evaluated apart (`--json` each) and joined with `--results` give the table, report
+    and JSON of evaluating them side by side (times aside); a third evaluated alongside comes last."""
+    s0, s1 = models
+    fake_generate.set_tokenizer(s0)
+    together = tmp_path / "together"
+    assert _run(["eval", "--model", str(s0), "--model", str(s1), "--data", str(data_file), "--json",
+                 str(together / "r.json"), "--report", str(together / "r.md")]).exit_code == 0
+    for name, m in (("s0", s0), ("s1", s1)):
+        assert _run(["eval", "--model", str(m), "--data", str(data_file), "--json",
+                     str(tmp_path / f"{name}.json")]).exit_code == 0
+    joined = tmp_path / "joined"
+    r = _run(["eval", "--results", str(tmp_path / "s0.json"), "--results", str(tmp_path / "s1.json"),
+              "--json", str(joined / "r.json"), "--report", str(joined / "r.md")])
+    assert r.exit_code == 0, r.output
+    assert "Quality: +25.00% accuracy change" in r.stdout
+
+    def without_times(doc):
+        for m in doc["models"]:
+            m.pop("seconds")
+        return doc
+    assert without_times(json.loads((joined / "r.json").read_text())) == \
+        without_times(json.loads((together / "r.json").read_text()))
+
+    def report_without_times(path):
+        return [line.rsplit("|", 2)[0] if line.startswith("| Stage") else line
+                for line in path.read_text().splitlines()]
+    assert report_without_times(joined / "r.md") == report_without_times(together / "r.md")
+    # evaluated now beside earlier ones: after them, on the same data
+    r = _run(["eval", "--results", str(tmp_path / "s1.json"), "--model", str(s0), "--data", str(data_file),
+              "--json", str(tmp_path / "mixed.json")])
+    assert r.exit_code == 0, r.output
+    mixed = json.loads((tmp_path / "mixed.json").read_text())
+    assert [m["label"] for m in mixed["models"]] == ["Stage 1 (COCONUT)", "Stage 0 (CoT)"]
+
+
+def test_eval_results_errors_are_one_line(models, data_file, fake_generate, tmp_path):
+    s0, _ = models
+    fake_generate.set_tokenizer(s0)
+    assert _run(["eval", "--model", str(s0), "--data", str(data_file), "--json",
+                 str(tmp_path / "s0.json")]).exit_code == 0
+    other = tmp_path / "other.json"
+    save_records(RECORDS[:3], other)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\"models\": 3}")
+    for argv, says in (
+            (["eval"], "give --model"),
+            (["eval", "--model", str(s0)], "--data: needed"),
+            (["eval", "--results", str(tmp_path / "none.json")], "none.json: cannot read"),
+            (["eval", "--results", str(bad)], "bad.json: not an `eval --json` file"),
+            (["eval", "--results", str(tmp_path / "s0.json"), "--model", str(s0), "--data", str(other)],
+             f"scored on {data_file}, not {other}"),
+            (["eval", "--results", str(tmp_path / "s0.json"), "--max-tokens", "8"],
+             "generated at most 64 tokens, not 8")):
+        r = _run(argv)
+        assert r.exit_code == 2 and says in r.output and len(r.output.strip().splitlines()) == 1, (argv, r.output)
+
+
 def test_eval_errors_are_one_line(models, data_file, tmp_path):
     s0, _ = models
     r = _run(["eval", "--model", str(tmp_path / "nope"), "--data", str(data_file)])

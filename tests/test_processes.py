@@ -89,6 +89,29 @@ def test_among_equal_chains_the_one_ready_longest_goes_first(tmp_path):
     assert [e[1] for e in spawn.events] == ["b", "a", "x", "y"]
 
 
+def test_an_evaluation_takes_only_spare_cores(tmp_path):
+    """A spare-cores-only task starts on the core a finished run left idle beside a run still going;
+    it never starts beside a run starting at the same moment (that run would keep half the threads for
+    good), and with nothing else left it gets the idle cores."""
+    spawn = Spawner({"a": 2, "b": 6, "c": 8, "e-a": 1, "e-c": 1})
+    tasks = _tasks(tmp_path, {"a": [], "b": [], "c": ["a"]})
+    tasks += [processes.Task(f"e-{x}", (f"e-{x}",), tmp_path / f"e-{x}.log", (x,), spare_cores_only=True)
+              for x in "ac"]
+    processes.run_tasks(tasks, jobs=2, spawn=spawn, log=_quiet, cores=2, sleep=lambda s: None)
+    starts = [(e[1], e[2], e[3]) for e in spawn.events]
+    # a done: c (a run) takes the freed core at once and the evaluation of a waits
+    assert starts[:3] == [("a", 1, ["a"]), ("b", 1, ["a", "b"]), ("c", 1, ["b", "c"])]
+    # b done: a's evaluation takes the core it leaves; c's after c, on the cores left idle
+    assert starts[3] == ("e-a", 1, ["c", "e-a"])
+    assert starts[4][:2] == ("e-c", 2) and starts[4][2] == ["e-c"]
+    # a run and an evaluation ready at once with every core idle: the run alone, on every core
+    spawn = Spawner({"a": 1, "c": 3, "e-a": 1})
+    tasks = _tasks(tmp_path, {"a": [], "c": ["a"]})
+    tasks.append(processes.Task("e-a", ("e-a",), tmp_path / "e-a.log", ("a",), spare_cores_only=True))
+    processes.run_tasks(tasks, jobs=2, spawn=spawn, log=_quiet, cores=2, sleep=lambda s: None)
+    assert [(e[1], e[2], e[3]) for e in spawn.events] == [("a", 2, ["a"]), ("c", 2, ["c"]), ("e-a", 2, ["e-a"])]
+
+
 def test_one_job_at_a_time_gets_every_core(tmp_path):
     spawn = Spawner({"a": 2, "b": 2})
     processes.run_tasks(_tasks(tmp_path, {"a": [], "b": []}), jobs=1, spawn=spawn, log=_quiet, cores=2,
@@ -164,7 +187,8 @@ def test_python_m_mlx_coconut_is_the_command_line(tmp_path):
 
 def test_the_quickstart_trains_the_runs_still_to_train_side_by_side(tmp_path):
     """--jobs 2: complete runs are resumed in-process (they return at once), the others go to the
-    scheduler, each after the run it starts from; interrupted ones with `train --resume`."""
+    scheduler, each after the run it starts from; interrupted ones with `train --resume`. Every run's
+    evaluation goes there too, on spare cores, after its run; the table of them all is made here."""
     plan = quickstart.make_plan(tmp_path, "long", tmp_path / "m.gguf", seed=0)
     (plan.model).mkdir(parents=True)
     (plan.model / "config.json").write_text("{}")
@@ -174,10 +198,14 @@ def test_the_quickstart_trains_the_runs_still_to_train_side_by_side(tmp_path):
         (run / "ckpt-0000001" / "state.json").write_text(json.dumps({"complete": complete}))
         config = {"seed": 0, "mode": key, "lora": key != "cot"}
         (run / "coconut.json").write_text(json.dumps({"checkpoint": "ckpt-0000001", "config": config}))
-    calls, spawned = [], {}
+    calls, spawned, evaluated = [], {}, []
 
     def spawn(argv, log, threads):
-        spawned[str(argv[argv.index("--out") + 1])] = list(map(str, argv))
+        argv = list(map(str, argv))
+        if argv[0] == "eval":
+            evaluated.append(argv[argv.index("--json") + 1])
+        else:
+            spawned[argv[argv.index("--out") + 1]] = argv
         return FakeProcess(1)
 
     quickstart.execute(plan, calls.append, log=_quiet, jobs=2, spawn=spawn)
@@ -189,3 +217,8 @@ def test_the_quickstart_trains_the_runs_still_to_train_side_by_side(tmp_path):
     steps = {s.label: s for s in plan.steps}
     assert steps["train coconut"].blas_threads == 1 and steps["train cot"].blas_threads is None
     assert [c[0] for c in calls if c[0] != "train"][:4] == ["data", "data", "data", "eval"]
+    assert sorted(evaluated) == sorted([str(tmp_path / "evals" / f"{k}.json") for k in plan.runs]
+                                       + [str(quickstart.output(tmp_path, "long", "swapped.json"))])
+    table = next(c for c in calls if c[0] == "eval")  # one table of every row, from their files
+    assert "--model" not in table and table.count("--results") == len(plan.runs)
+    assert steps["eval cot"].started >= 0 and steps["eval coconut"].started >= steps["train coconut"].started + steps["train coconut"].seconds

@@ -59,7 +59,12 @@ def test_quickstart_small(smollm2_gguf_path, tmp_path):
     assert "train --init" in (out / "logs" / "coconut-2.log").read_text()  # each run's own output
     labels = [s["label"] for s in record["steps"]]
     assert labels[:6] == ["convert", "data train", "data valid", "data test", "train cot",
-                          "train no-cot"] and "eval" in labels and "train no-curriculum" in labels
+                          "train no-cot"] and "train no-curriculum" in labels
+    # each run evaluated apart, as a child on spare cores; then one table of them all, here
+    evals = [s for s in record["steps"] if s["label"].startswith("eval ")]
+    assert [s["label"] for s in evals] == [f"eval {k}" for k in runs] + ["eval swapped"]
+    assert all(s["started"] >= 0 for s in evals) and labels[-2:] == ["results", "plot"]
+    assert (out / "logs" / "eval-swapped.log").exists()
     assert {g["goal"] for g in record["goals"]} >= set(quickstart.GOALS) | {quickstart.LAST_STAGE_GOAL}
     test_cmd = next(s["command"] for s in record["steps"] if s["label"] == "data test")
     argv = test_cmd.split()[1:]

@@ -14,10 +14,14 @@ def _eval_progress(label, total):
 
 
 @click.command(name="eval")
-@click.option("--model", "models", required=True, multiple=True, metavar="DIR",
+@click.option("--model", "models", multiple=True, metavar="DIR",
               help="Model or run directory: RUN, RUN:best, RUN:latest (repeat to compare; the first "
               "is the baseline).")
-@click.option("--data", "data_path", required=True, metavar="FILE", help="Test records (JSON/jsonl/iCoT).")
+@click.option("--results", "earlier", multiple=True, metavar="JSON",
+              help="An earlier `eval --json` file on the same data: its models join the comparison "
+              "without being evaluated again, ahead of any --model (repeat; the first is the baseline).")
+@click.option("--data", "data_path", default=None, metavar="FILE",
+              help="Test records (JSON/jsonl/iCoT); needed with --model.")
 @click.option("--samples", type=int, default=None, help="Only the first N records [all].")
 @click.option("--batch-size", type=int, default=None, help="Questions generated at once [32].")
 @click.option("--max-tokens", type=int, default=None,
@@ -31,29 +35,59 @@ def _eval_progress(label, total):
 @click.option("--report", default=None, metavar="MD", help="Write a markdown report.")
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Write all results as JSON.")
 @friendly_errors
-def eval_cmd(models, data_path, samples, batch_size, max_tokens, dtype, thoughts, n_examples, report,
-             json_path):
+def eval_cmd(models, earlier, data_path, samples, batch_size, max_tokens, dtype, thoughts, n_examples,
+             report, json_path):
     """Evaluate stages side by side: accuracy, tokens, time, CoT exact match, examples."""
     import mlx.core as mx
 
     from ..data import load_records
     from .. import report as rep
 
+    if not models and not earlier:
+        raise UserError("give --model (a model to evaluate) or --results (an earlier eval --json)")
+    if models and not data_path:
+        raise UserError("--data: needed to evaluate --model")
     if any(v is not None and v < 1 for v in (batch_size, max_tokens, samples)):
         raise UserError("--batch-size, --max-tokens and --samples must be >= 1")
-    from ..evaluate import BATCH_SIZE
-    batch_size = batch_size or BATCH_SIZE
-    records = load_records(data_path)[:samples]
-    if max_tokens is None:
-        from ..evaluate import default_max_tokens
-        max_tokens = default_max_tokens(records)
-    results = rep.compare(models, records, batch_size, max_tokens,
-                          getattr(mx, dtype) if dtype else None, progress=_eval_progress, thoughts=thoughts)
+    results, data_path, max_tokens = _earlier_results(earlier, data_path, max_tokens)
+    if models:
+        from ..evaluate import BATCH_SIZE
+        batch_size = batch_size or BATCH_SIZE
+        records = load_records(data_path)[:samples]
+        if results and len(records) != results[0].results.n:
+            raise UserError(f"--results {earlier[0]}: {results[0].results.n} questions, --data {data_path} "
+                            f"gives {len(records)}")
+        if max_tokens is None:
+            from ..evaluate import default_max_tokens
+            max_tokens = default_max_tokens(records)
+        results += rep.compare(models, records, batch_size, max_tokens,
+                               getattr(mx, dtype) if dtype else None, progress=_eval_progress, thoughts=thoughts)
+    rep.disambiguate(results)  # two runs with the same settings, evaluated apart
     click.echo(rep.render_text(results, n_examples))
     rep.write_outputs(results, report, json_path, data_path, max_tokens)
     for path in (report, json_path):
         if path:
             click.echo(f"wrote {path}")
+
+
+def _earlier_results(paths, data_path, max_tokens) -> tuple:
+    """The models of earlier `eval --json` files → (results, data, max tokens), refused in one line
+    when they were scored on other questions or with another budget than each other or the flags."""
+    from .. import report as rep
+
+    results = []
+    for path in paths:
+        these, data, tokens = rep.read_results(path)
+        if data_path is not None and str(data) != str(data_path):
+            raise UserError(f"--results {path}: scored on {data}, not {data_path}")
+        if max_tokens is not None and tokens != max_tokens:
+            raise UserError(f"--results {path}: generated at most {tokens} tokens, not {max_tokens}")
+        if results and these and these[0].results.n != results[0].results.n:
+            raise UserError(f"--results {path}: {these[0].results.n} questions, {paths[0]} has "
+                            f"{results[0].results.n}")
+        data_path, max_tokens = data, tokens
+        results += these
+    return results, data_path, max_tokens
 
 
 @click.command()
