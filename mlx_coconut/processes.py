@@ -28,7 +28,8 @@ STOP_SECONDS = 120  # a stopped child saves its checkpoint first; killed past th
 class Task:
     """One command line (`mlx-coconut` arguments), started once every task in `after` has finished.
     A `spare_cores_only` task (a short one: an evaluation) starts only on cores no running task uses
-    and never beside a task starting at the same moment, which would keep half the threads for good."""
+    and never beside a task starting at the same moment; a task starting while one runs does not
+    count it when taking its share of the cores (it would keep the smaller share for good)."""
     name: str
     argv: tuple
     log: Path            # the child's stdout and stderr
@@ -163,11 +164,14 @@ def run_tasks(tasks, jobs: int, spawn: Callable = start_process, log=print, core
 
 def _launches(ready, running: dict, jobs: int, cores: int) -> list:
     """[(task, BLAS threads)] to start now: the ready tasks up to `jobs`, each with its share of the
-    cores; spare-cores-only tasks only when none of the others starts and cores are idle."""
+    cores beside the other long ones (a short one still running shares the cores for a while, rather
+    than the long one keeping fewer threads for good); spare-cores-only tasks only when none of the
+    others starts and cores are idle."""
     slots = max(0, jobs - len(running))
     launch = [t for t in ready if not t.spare_cores_only][:slots]
     if launch:
-        threads = max(1, cores // (len(running) + len(launch)))
+        long_running = sum(not t.spare_cores_only for t, *_ in running.values())
+        threads = max(1, cores // (long_running + len(launch)))
         return [(t, threads) for t in launch]
     idle = cores - sum(threads for *_, threads in running.values())
     launch = [t for t in ready if t.spare_cores_only][:min(slots, idle)]

@@ -110,6 +110,13 @@ def test_an_evaluation_takes_only_spare_cores(tmp_path):
     tasks.append(processes.Task("e-a", ("e-a",), tmp_path / "e-a.log", ("a",), spare_cores_only=True))
     processes.run_tasks(tasks, jobs=2, spawn=spawn, log=_quiet, cores=2, sleep=lambda s: None)
     assert [(e[1], e[2], e[3]) for e in spawn.events] == [("a", 2, ["a"]), ("c", 2, ["c"]), ("e-a", 2, ["e-a"])]
+    # a run ready while an evaluation is still going takes every core all the same
+    spawn = Spawner({"a": 1, "b": 4, "c": 6, "e-a": 8})
+    tasks = _tasks(tmp_path, {"a": [], "b": [], "c": ["b"]})
+    tasks.append(processes.Task("e-a", ("e-a",), tmp_path / "e-a.log", ("a",), spare_cores_only=True))
+    processes.run_tasks(tasks, jobs=2, spawn=spawn, log=_quiet, cores=2, sleep=lambda s: None)
+    assert [(e[1], e[2], e[3]) for e in spawn.events] == [
+        ("a", 1, ["a"]), ("b", 1, ["a", "b"]), ("e-a", 1, ["b", "e-a"]), ("c", 2, ["c", "e-a"])]
 
 
 def test_one_job_at_a_time_gets_every_core(tmp_path):
