@@ -173,8 +173,8 @@ def _launches(ready, running: dict, jobs: int, cores: int) -> list:
         long_running = sum(not t.spare_cores_only for t, *_ in running.values())
         threads = max(1, cores // (long_running + len(launch)))
         return [(t, threads) for t in launch]
-    idle = cores - sum(threads for *_, threads in running.values())
-    launch = [t for t in ready if t.spare_cores_only][:min(slots, idle)]
+    idle = cores - sum(threads for *_, threads in running.values())  # < 0 while a run shares an evaluation's
+    launch = [t for t in ready if t.spare_cores_only][:max(0, min(slots, idle))]
     return [(t, idle // len(launch)) for t in launch]
 
 

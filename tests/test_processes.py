@@ -117,6 +117,15 @@ def test_an_evaluation_takes_only_spare_cores(tmp_path):
     processes.run_tasks(tasks, jobs=2, spawn=spawn, log=_quiet, cores=2, sleep=lambda s: None)
     assert [(e[1], e[2], e[3]) for e in spawn.events] == [
         ("a", 1, ["a"]), ("b", 1, ["a", "b"]), ("e-a", 1, ["b", "e-a"]), ("c", 2, ["c", "e-a"])]
+    # ... and while the two share the cores (more threads than cores), no other evaluation starts
+    spawn = Spawner({"a": 1, "b": 4, "c": 6, "e-a": 8, "e-b": 1, "e-x": 1})
+    tasks = _tasks(tmp_path, {"a": [], "b": [], "c": ["b"]})
+    tasks += [processes.Task(f"e-{x}", (f"e-{x}",), tmp_path / f"e-{x}.log", (y,), spare_cores_only=True)
+              for x, y in (("a", "a"), ("b", "b"), ("x", "b"))]
+    processes.run_tasks(tasks, jobs=3, spawn=spawn, log=_quiet, cores=2, sleep=lambda s: None)
+    events = [(e[1], e[2], e[3]) for e in spawn.events]
+    assert ("c", 2, ["c", "e-a"]) in events and all(threads >= 1 for _, threads, _ in events)
+    assert not any(name in ("e-b", "e-x") and {"c", "e-a"} <= set(beside) for name, _, beside in events)
 
 
 def test_one_job_at_a_time_gets_every_core(tmp_path):
